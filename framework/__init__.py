@@ -1,0 +1,1 @@
+"""batchax: a JAX framework for batched training and inference."""
