@@ -1,0 +1,149 @@
+"""The training loop: validate, build, resume, step, log, evaluate, checkpoint, stop cleanly on divergence."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from framework import checkpoint as ckpt_lib
+from framework import config as config_lib
+from framework import data as data_lib
+from framework import metrics as metrics_lib
+from framework.mesh import make_sharder
+from framework.models.transformer import num_params
+from framework.train import Trainer
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training diverged; the checkpoints on disk are all from before the divergence."""
+
+
+def evaluate(trainer: Trainer, params, heldout, cfg) -> dict[str, float]:
+  """Mean held-out loss over `train.eval_batches` fixed batches (the same ones every time)."""
+  ce_sum = tokens = 0.0
+  for batch in data_lib.eval_batches(heldout, cfg.train.eval_batches, seed=cfg.seed,
+                                     global_batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                                     process_index=jax.process_index(), process_count=jax.process_count()):
+    out = jax.device_get(trainer.eval_step(params, trainer.device_batch(batch)))
+    ce_sum += float(out['ce_sum'])
+    tokens += float(out['tokens'])
+  loss = ce_sum / max(tokens, 1.0)
+  return {'eval_loss': loss, 'eval_bits_per_token': loss / np.log(2)}
+
+
+def _check_saved_model(checkpointer, step: int, cfg) -> None:
+  saved = checkpointer.saved_config(step)['model']
+  current = ckpt_lib.config_to_json(cfg)['model']
+  diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != 'attention_impl'
+          and k != 'remat_policy'}
+  if diff:
+    fields = ', '.join(f'model.{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
+    raise ValueError(f'The checkpoint at step {step} in {checkpointer.directory} was written by a different model '
+                     f'({fields}); use a new --workdir or the checkpoint\'s model config')
+
+
+def _raise_if_diverged(step: int, metrics: dict, last_saved: int | None, directory: str) -> None:
+  if not bool(metrics['finite']):
+    kept = f'the last good checkpoint is step {last_saved} in {directory}' if last_saved else 'no checkpoint was kept'
+    raise NonFiniteLossError(
+        f'Non-finite training at step {step}: loss={float(metrics["loss"])}, grad_norm='
+        f'{float(metrics["grad_norm"])}; stopped without saving it, {kept}. Lower optim.lr or raise '
+        'optim.warmup_steps, then rerun the same command to resume from that checkpoint.')
+
+
+def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its latest complete checkpoint. Returns the last logged metrics."""
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
+  train_data, heldout = data_lib.load_splits(cfg.data)
+  for split in (train_data, heldout):
+    data_lib.check_vocab(split, cfg.model.vocab_size)
+
+  trainer = Trainer(cfg, make_sharder(cfg, devices))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      json.dump(ckpt_lib.config_to_json(cfg), f, indent=2)
+
+  checkpointer = None
+  state, start = None, 0
+  if cfg.checkpoint.enabled:
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      _check_saved_model(checkpointer, latest, cfg)
+      state, data_state = checkpointer.restore(latest, trainer.abstract_state)
+      start = int(data_state['next_step'])
+      logging.info('Resumed from %s/%d (data position: step %d)', checkpointer.directory, latest, start)
+  if state is None:
+    state = trainer.init(jax.random.key(cfg.seed))
+
+  steps, t = cfg.train.steps, cfg.train
+  tokens_per_step = t.batch_size * cfg.data.seq_len
+  peak, peak_source = metrics_lib.peak_flops(devices, cfg.metrics.peak_flops_per_device)
+  logging.info('Model: %.2fM parameters, %.3g FLOPs/token; mesh %s; peak %.3g FLOP/s (%s)',
+               num_params(state.params) / 1e6, trainer.flops_per_token, dict(trainer.sharder.mesh.shape), peak,
+               peak_source)
+  if start >= steps:
+    logging.info('Nothing to do: the checkpoint is at step %d and train.steps=%d', start, steps)
+    if checkpointer:
+      checkpointer.close()
+    return {'step': start}
+
+  writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard)
+  batches = data_lib.DataIterator(train_data, start_step=start, seed=cfg.seed, global_batch=t.batch_size,
+                                  seq_len=cfg.data.seq_len, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), prefetch=cfg.data.prefetch)
+  last_saved = checkpointer.latest_step() if checkpointer else None
+  record: dict = {}
+  pending = None
+  run_start = window_start = None
+  window_steps = 0
+  try:
+    for step in range(start, steps):
+      state, metrics = trainer.train_step(state, trainer.device_batch(next(batches)))
+      done = step + 1
+      if pending is not None:  # a step behind, so the device is never idle waiting on the host
+        _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
+      pending = (done, metrics)
+      if window_start is None:  # the first step includes compilation: time from its end
+        jax.block_until_ready(metrics)
+        run_start = window_start = time.perf_counter()
+      else:
+        window_steps += 1
+      is_last = done == steps
+      if done % t.log_every == 0 or is_last:
+        values = jax.device_get(metrics)
+        _raise_if_diverged(done, values, last_saved, workdir)
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        tokens_per_s = window_steps * tokens_per_step / elapsed
+        record = {k: v for k, v in values.items() if k != 'finite'}
+        record.update(tokens_per_s=tokens_per_s, mfu=trainer.flops_per_token * tokens_per_s / peak,
+                      step_time_s=elapsed / max(window_steps, 1))
+        if t.eval_every and (done % t.eval_every == 0 or is_last):
+          record.update(evaluate(trainer, state.params, heldout, cfg))
+        writer.write(done, record)
+        eta = (steps - done) * (time.perf_counter() - run_start) / max(done - start - 1, 1)
+        logging.info('step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f  %.0f tok/s  MFU %.1f%%  ETA %s', done,
+                     steps, record['loss'],
+                     f"  eval {record['eval_loss']:.4f}" if 'eval_loss' in record else '', record['lr'],
+                     record['grad_norm'], tokens_per_s, 100 * record['mfu'], metrics_lib.format_duration(eta))
+        window_start, window_steps = time.perf_counter(), 0
+      if checkpointer and (done % cfg.checkpoint.every_steps == 0 or is_last):
+        _raise_if_diverged(done, jax.device_get(metrics), last_saved, workdir)
+        if checkpointer.save(done, state, {'next_step': done, 'seed': cfg.seed}, ckpt_lib.config_to_json(cfg),
+                             force=True):
+          last_saved = done
+    if pending is not None:
+      _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
+  finally:
+    batches.close()
+    writer.close()
+    if checkpointer:
+      checkpointer.close()
+  return {'step': steps, **record}

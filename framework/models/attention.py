@@ -1,0 +1,81 @@
+"""The attention front door: one call, implementations 'xla' | 'pallas' | 'cudnn' | 'auto'.
+
+Training and inference both come through here, so switching kernels is a config edit.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from framework import config as config_lib
+
+ACT_NAMES = ('batch', 'seq', 'heads', 'head_dim')
+KV_NAMES = ('batch', 'seq', 'kv_heads', 'head_dim')
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """The implementation 'auto' stands for on `backend`: cuDNN on GPU, Pallas on TPU, XLA elsewhere."""
+  if impl not in config_lib.ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl {impl!r} is not one of {config_lib.ATTENTION_IMPLS}')
+  if impl != 'auto':
+    return impl
+  backend = backend or jax.default_backend()
+  return {'gpu': 'cudnn', 'tpu': 'pallas'}.get(backend, 'xla')
+
+
+def xla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
+  """Plain einsum attention that GSPMD can shard; q [b, s, h, d], k/v [b, t, kv, d] with h % kv == 0."""
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  scale = sm_scale if sm_scale is not None else d ** -0.5
+  qg = q.reshape(b, s, kv, h // kv, d)
+  scores = jnp.einsum('bskgd,btkd->bkgst', qg, k, preferred_element_type=jnp.float32) * scale
+  mask = jnp.ones((b, 1, 1, s, k.shape[1]), bool)
+  if causal:
+    mask &= (jnp.arange(s)[:, None] >= jnp.arange(k.shape[1])[None, :])[None, None, None]
+  if segment_ids is not None:
+    mask &= (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
+  scores = jnp.where(mask, scores, -1e30)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(mask, probs, 0.0)  # rows with no visible key give zeros, not a uniform average
+  out = jnp.einsum('bkgst,btkd->bskgd', probs.astype(v.dtype), v)
+  return out.reshape(b, s, h, d)
+
+
+def _cudnn_attention(q, k, v, *, segment_ids, causal):
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='cudnn')
+
+
+def _pallas_attention(q, k, v, *, segment_ids, causal, sharder):
+  import pallas_kernels  # pylint: disable=g-import-not-at-top  (kernels load only when asked for)
+  kernel = functools.partial(pallas_kernels.flash_attention, causal=causal)
+  if sharder is None or sharder.mesh is None:
+    return kernel(q, k, v, segment_ids=segment_ids)
+  # A pallas_call is opaque to GSPMD: run it per shard over the batch and head axes.
+  q_spec, kv_spec = sharder.spec(ACT_NAMES), sharder.spec(KV_NAMES)
+  seg_spec = sharder.spec(('batch', 'seq'))
+  if segment_ids is None:
+    fn = jax.shard_map(lambda q_, k_, v_: kernel(q_, k_, v_), mesh=sharder.mesh,
+                       in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)
+    return fn(q, k, v)
+  fn = jax.shard_map(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=s_), mesh=sharder.mesh,
+                     in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=False)
+  return fn(q, k, v, segment_ids)
+
+
+def attention(q, k, v, *, segment_ids=None, impl: str = 'xla', causal: bool = True, sharder=None):
+  """Self-attention over [batch, seq, heads, head_dim]; k/v may have fewer heads (GQA/MQA).
+
+  segment_ids [batch, seq] keeps packed documents apart: a token sees only keys of its own segment.
+  """
+  impl = resolve_impl(impl)
+  if impl == 'xla':
+    return xla_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+  if impl == 'cudnn':
+    return _cudnn_attention(q, k, v, segment_ids=segment_ids, causal=causal)
+  return _pallas_attention(q, k, v, segment_ids=segment_ids, causal=causal, sharder=sharder)

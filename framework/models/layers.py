@@ -1,0 +1,83 @@
+"""Building blocks of the dense decoder: parameters with logical axis names, RMSNorm, RoPE, SwiGLU."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from framework import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model section of the config as a hashable value (flax module attributes must be hashable)."""
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  max_seq_len: int
+  rope_theta: float
+  norm_eps: float
+  init_std: float
+  tie_embeddings: bool
+  param_dtype: str
+  dtype: str
+  remat_policy: str
+  attention_impl: str
+
+  @classmethod
+  def from_config(cls, model_cfg) -> 'ModelConfig':
+    fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
+    fields['head_dim'] = config_lib.head_dim(model_cfg)
+    return cls(**fields)
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], std: float,
+          cfg: ModelConfig) -> jax.Array:
+  """A normal-initialised parameter tagged with logical axis names, cast to the compute dtype."""
+  init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
+  return module.param(name, init, shape, jnp.dtype(cfg.param_dtype)).astype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
+    scale = self.param('scale', init, (x.shape[-1],), jnp.dtype(self.cfg.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (normed * scale.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding on [batch, seq, heads, head_dim] at integer `positions` [batch, seq] (half-split form)."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [b, s, 1, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+  cfg: ModelConfig
+  sharder: object
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.cfg
+    w_gate = param(self, 'wi_gate', (c.d_model, c.d_ff), ('embed', 'mlp'), c.init_std, c)
+    w_up = param(self, 'wi_up', (c.d_model, c.d_ff), ('embed', 'mlp'), c.init_std, c)
+    # GPT-2 style: residual-branch outputs start smaller so the stream's variance does not grow with depth.
+    w_out = param(self, 'wo', (c.d_ff, c.d_model), ('mlp', 'embed'), c.init_std / (2 * c.n_layers) ** 0.5, c)
+    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    h = self.sharder.constrain(h, ('batch', 'seq', 'mlp'))
+    return h @ w_out

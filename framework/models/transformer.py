@@ -1,0 +1,106 @@
+"""Decoder-only transformer (Llama-style): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Layers are stacked on a leading 'layers' axis and run with nn.scan, so compile time does not grow with depth and
+later code (kernels, the diagonal scheduler) can address one layer by index.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from framework.mesh import Sharder
+from framework.models import attention as attention_lib
+from framework.models.layers import ModelConfig, RMSNorm, SwiGLU, param, rope
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  sharder: Sharder
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    c, sh = self.cfg, self.sharder
+    wq = param(self, 'wq', (c.d_model, c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'), c.init_std, c)
+    wk = param(self, 'wk', (c.d_model, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'),
+               c.init_std, c)
+    wv = param(self, 'wv', (c.d_model, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'),
+               c.init_std, c)
+    wo = param(self, 'wo', (c.n_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
+               c.init_std / (2 * c.n_layers) ** 0.5, c)
+    q = sh.constrain(jnp.einsum('bsd,dhk->bshk', x, wq), attention_lib.ACT_NAMES)
+    k = sh.constrain(jnp.einsum('bsd,dhk->bshk', x, wk), attention_lib.KV_NAMES)
+    v = sh.constrain(jnp.einsum('bsd,dhk->bshk', x, wv), attention_lib.KV_NAMES)
+    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    out = attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=c.attention_impl, sharder=sh)
+    out = sh.constrain(out, attention_lib.ACT_NAMES)
+    return jnp.einsum('bshk,hkd->bsd', out, wo)
+
+
+class Block(nn.Module):
+  """One pre-norm decoder layer. Returns (x, None) so nn.scan can carry x."""
+  cfg: ModelConfig
+  sharder: Sharder
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids):
+    act = ('batch', 'seq', 'act_embed')
+    h = Attention(self.cfg, self.sharder, name='attn')(RMSNorm(self.cfg, name='attn_norm')(x), positions,
+                                                       segment_ids)
+    x = self.sharder.constrain(x + h, act)
+    h = SwiGLU(self.cfg, self.sharder, name='mlp')(RMSNorm(self.cfg, name='mlp_norm')(x))
+    return self.sharder.constrain(x + h, act), None
+
+
+class Transformer(nn.Module):
+  """tokens, positions, segment_ids [batch, seq] int32 -> (logits [batch, seq, vocab] f32, aux dict).
+
+  `aux` holds per-call statistics that the train step sums over micro-batches (empty for the dense model; MoE
+  layers add expert counts there).
+  """
+  cfg: ModelConfig
+  sharder: Sharder
+
+  @nn.compact
+  def __call__(self, tokens, positions, segment_ids):
+    c, sh = self.cfg, self.sharder
+    embedding = param(self, 'embedding', (c.vocab_size, c.d_model), ('vocab', 'embed'), c.init_std, c)
+    # Gather from a table laid out like the activations (vocab whole): a gather from a vocab-sharded table
+    # would make GSPMD replicate and re-split its output.
+    table = sh.constrain(embedding, (None, 'act_embed'))
+    x = sh.constrain(jnp.take(table, tokens, axis=0), ('batch', 'seq', 'act_embed'))
+
+    block = Block
+    if c.remat_policy != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[c.remat_policy], prevent_cse=False)
+    layers = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                     in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    x, _ = layers(c, sh, name='layers')(x, positions, segment_ids)
+    x = RMSNorm(c, name='final_norm')(x)
+
+    if c.tie_embeddings:
+      head = embedding.T
+    else:
+      head = param(self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'), c.d_model ** -0.5, c)
+    logits = jnp.einsum('bsd,dv->bsv', x, head, preferred_element_type=jnp.float32)
+    return sh.constrain(logits, ('batch', 'seq', 'vocab')), {}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6 x matmul parameters plus causal-free attention scores (PaLM appendix B)."""
+  attn = cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+  mlp = 3 * cfg.d_model * cfg.d_ff
+  matmul_params = cfg.n_layers * (attn + mlp) + cfg.d_model * cfg.vocab_size
+  attention_scores = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+  return 6.0 * matmul_params + attention_scores
+
+
+def num_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))

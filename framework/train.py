@@ -1,0 +1,170 @@
+"""The pure train step `train_step(state, batch) -> (state, metrics)` and everything it is jitted with.
+
+`Trainer` builds the model and optimizer from a config, derives every array's sharding from logical axis names,
+and jits init / train / eval steps with explicit in and out shardings.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from framework import optim
+from framework.mesh import Sharder
+from framework.models.layers import ModelConfig
+from framework.models.transformer import Transformer, flops_per_token
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # completed optimizer steps
+  params: Any
+  opt_state: Any
+
+
+def token_losses(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
+  """Sums (not means) of cross-entropy and z-loss terms, so micro-batches add up to the full batch exactly."""
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return {
+      'ce_sum': jnp.sum((log_z - target_logit) * weights),
+      'z_sum': jnp.sum(jnp.square(log_z) * weights),
+      'tokens': jnp.sum(weights),
+  }
+
+
+def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
+  """[B, ...] -> [n, B/n, ...], micro-batch j = rows j, j+n, ...
+
+  Strided rows keep every data-parallel shard's slice of each micro-batch on that shard: contiguous chunks
+  would put micro-batch 0 on the first devices only.
+  """
+  return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+
+class Trainer:
+  """Model, optimizer, shardings and the jitted steps for one config on one mesh."""
+
+  def __init__(self, cfg, sharder: Sharder):
+    self.cfg = cfg
+    self.sharder = sharder
+    self.model_cfg = ModelConfig.from_config(cfg.model)
+    self.model = Transformer(self.model_cfg, sharder)
+    self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    self.seq_len = cfg.data.seq_len
+    self.replicated = NamedSharding(sharder.mesh, PartitionSpec())
+    self.batch_sharding = {k: sharder.sharding(('batch', 'seq')) for k in BATCH_KEYS}
+    self.abstract_state, self.state_shardings = self._abstract_state()
+
+    self.init = jax.jit(self._init, out_shardings=self.state_shardings)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                              out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding),
+                             out_shardings=self.replicated)
+
+  # --- state -------------------------------------------------------------------------------------------------
+
+  def _init_variables(self, rng):
+    dummy = jnp.zeros((1, self.seq_len), jnp.int32)
+    return self.model.init(rng, dummy, dummy, dummy)
+
+  def _abstract_state(self):
+    """Shapes and NamedShardings of the whole train state, from the parameters' logical axis names."""
+    boxed = jax.eval_shape(self._init_variables, jax.random.key(0))['params']
+    param_shardings = self.sharder.tree_shardings(nn.get_partition_spec(boxed))
+    params = nn.meta.unbox(boxed)
+    opt_state = jax.eval_shape(self.optimizer.init, params)
+    # Optimizer moments mirror the parameters; counters and other scalars are replicated.
+    opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, param_shardings,
+                                          transform_non_params=lambda _: self.replicated)
+    shardings = TrainState(step=self.replicated, params=param_shardings, opt_state=opt_shardings)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return abstract, shardings
+
+  def _init(self, rng) -> TrainState:
+    params = nn.meta.unbox(self._init_variables(rng)['params'])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+  # --- steps -------------------------------------------------------------------------------------------------
+
+  def _micro_loss(self, params, batch):
+    logits, aux = self.model.apply({'params': params}, batch['inputs'], batch['positions'],
+                                   batch['segment_ids'])
+    stats = {**token_losses(logits, batch['targets'], batch['weights']), **aux}
+    return stats['ce_sum'] + self.cfg.train.z_loss * stats['z_sum'], stats
+
+  def _accumulate(self, params, batch):
+    """Sums gradients and statistics over micro-batches with lax.scan.
+
+    The carry holds sums (gradients, token counts, anything a model adds to `aux`, e.g. expert counts); the
+    scan's per-iteration outputs hold per-micro-batch values (e.g. each micro-batch's gradient norm).
+    """
+    n = self.cfg.train.micro_batches
+    micro = {k: split_micro_batches(v, n) for k, v in batch.items()}
+    micro = {k: self.sharder.constrain(v, (None, 'batch', 'seq')) for k, v in micro.items()}
+    grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+    param_shardings = self.state_shardings.params
+
+    def body(carry, mb):
+      grad_sum, stat_sum = carry
+      (_, stats), grads = grad_fn(params, mb)
+      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+      per_micro = {}
+      if self.cfg.train.micro_grad_norms:
+        per_micro['micro_grad_norm'] = optax.global_norm(grads) / jnp.maximum(stats['tokens'], 1.0)
+      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      grad_sum = jax.tree.map(jax.lax.with_sharding_constraint, grad_sum, param_shardings)
+      return (grad_sum, jax.tree.map(jnp.add, stat_sum, stats)), per_micro
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    stat_shapes = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stat_shapes))
+    (grad_sum, stat_sum), per_micro = jax.lax.scan(body, zeros, micro)
+    return grad_sum, stat_sum, per_micro
+
+  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    grad_sum, stats, per_micro = self._accumulate(state.params, batch)
+    tokens = jnp.maximum(stats['tokens'], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grad_sum)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    loss = stats['ce_sum'] / tokens
+    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+    metrics = {
+        'loss': loss,
+        'z_loss': stats['z_sum'] / tokens,
+        'grad_norm': grad_norm,
+        'param_norm': param_norm,
+        'update_norm': optax.global_norm(updates),
+        'lr': self.lr_schedule(state.step),
+        'tokens': stats['tokens'],
+        # Checked before every checkpoint, so a diverged state is never saved.
+        'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
+        **per_micro,
+    }
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _eval_step(self, params, batch) -> dict[str, jax.Array]:
+    logits, _ = self.model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
+    losses = token_losses(logits, batch['targets'], batch['weights'])
+    return {'ce_sum': losses['ce_sum'], 'tokens': losses['tokens']}
+
+  # --- host <-> device ---------------------------------------------------------------------------------------
+
+  def device_batch(self, local_batch: dict) -> dict[str, jax.Array]:
+    """This process's rows (numpy) -> global arrays sharded over the batch axes (works multi-host)."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], local_batch[k]) for k in BATCH_KEYS}
+
+  @property
+  def flops_per_token(self) -> float:
+    return flops_per_token(self.model_cfg, self.seq_len)

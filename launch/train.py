@@ -1,0 +1,42 @@
+"""Train a language model from a config file.
+
+  python -m launch.train --config=configs/lm_tiny.py --workdir=/tmp/run \
+      [--config.train.steps=50 --config.mesh.fsdp=2 ...] [--cpu_devices=8]
+
+Rerunning the same command resumes from the latest complete checkpoint in WORKDIR/checkpoints.
+"""
+import logging as py_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from launch import cpu_devices
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg) -> ConfigDict).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _only_our_info(record) -> bool:
+  """Orbax and jax log every checkpoint phase at INFO: keep INFO lines from batchax, warnings from everyone."""
+  return record.levelno >= py_logging.WARNING or '/framework/' in record.pathname or '/launch/' in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().python_handler.addFilter(_only_our_info)
+  cpu_devices.apply()
+  from framework import loop  # pylint: disable=g-import-not-at-top  (after the device flags take effect)
+  try:
+    summary = loop.train(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
+    logging.error('%s', e)
+    sys.exit(f'error: {e}')
+  logging.info('Done: %s', {k: v for k, v in summary.items() if k in ('step', 'loss', 'eval_loss')})
+
+
+if __name__ == '__main__':
+  app.run(main)

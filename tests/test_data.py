@@ -1,0 +1,415 @@
+"""Tests for the input pipeline: tokenizer, sources, splits, batches."""
+import json
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from framework import corpus
+from framework import data
+from framework.tokenizer import ByteTokenizer
+
+BOS = ByteTokenizer.BOS_ID
+EOS = ByteTokenizer.EOS_ID
+KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+
+def make_cfg(**overrides) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(dict(
+      source="embedded", path="", jsonl_field="text", bos_id=BOS,
+      heldout_fraction=0.05, max_corpus_bytes=2_000_000, seq_len=64,
+      prefetch=0))
+  cfg.update(overrides)
+  return cfg
+
+
+def random_stream(seed: int = 0, n_tokens: int = 5000,
+                  name: str = "train") -> np.ndarray:
+  """Tokens with BOS at random places (documents of 1..60 tokens)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 259, size=n_tokens).astype(np.uint16)
+  tokens[rng.random(n_tokens) < 0.03] = BOS
+  return tokens
+
+
+def docs_of(stream: corpus.PackedStream) -> list[tuple[int, ...]]:
+  return [tuple(stream.document(i).tolist())
+          for i in range(stream.num_documents)]
+
+
+def assert_batches_equal(a: dict, b: dict) -> None:
+  assert set(a) == set(b) == set(KEYS)
+  for k in KEYS:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trip_and_specials():
+  tok = ByteTokenizer()
+  ids = tok.encode("héllo")
+  assert ids.dtype == np.int32 and tok.vocab_size == 259
+  assert ids[0] == BOS and ids[-1] == EOS and ids.max() < 259
+  assert ids[1] == ord("h") + 3
+  assert tok.decode(ids) == "héllo"
+  assert tok.encode("ab", add_bos=False, add_eos=False).tolist() == [100, 101]
+  assert tok.decode([0, 1, 2, 300, 100]) == "a"  # Specials and OOV skipped.
+
+
+# ------------------------------------------------------------------ batches
+
+
+@pytest.fixture(scope="module")
+def stream() -> corpus.PackedStream:
+  return corpus.PackedStream.from_tokens(random_stream())
+
+
+def test_batch_shapes_dtypes_and_shift(stream):
+  b = data.batch_for_step(stream, 3, seed=1, global_batch=8, seq_len=32)
+  for k in KEYS:
+    assert b[k].shape == (8, 32), k
+    assert b[k].dtype == (np.float32 if k == "weights" else np.int32), k
+  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+
+
+def test_determinism_and_steps_differ(stream):
+  kw = dict(seed=7, global_batch=8, seq_len=32)
+  a = data.batch_for_step(stream, 5, **kw)
+  fresh = corpus.PackedStream.from_tokens(random_stream())
+  assert_batches_equal(a, data.batch_for_step(fresh, 5, **kw))
+  assert not np.array_equal(a["inputs"],
+                            data.batch_for_step(stream, 6, **kw)["inputs"])
+  other_seed = data.batch_for_step(stream, 5, **{**kw, "seed": 8})
+  assert not np.array_equal(a["inputs"], other_seed["inputs"])
+
+
+def test_resume_matches_uninterrupted_run():
+  kw = dict(seed=3, global_batch=8, seq_len=32)
+  s = corpus.PackedStream.from_tokens(random_stream())
+  with data.DataIterator(s, prefetch=2, **kw) as it:
+    run = [next(it) for _ in range(7)]  # Crosses several epochs' caches.
+    assert it.state() == {"next_step": 7, "seed": 3}
+  fresh = corpus.PackedStream.from_tokens(random_stream())
+  with data.DataIterator(fresh, start_step=4, prefetch=0, **kw) as resumed:
+    for step in range(4, 7):
+      assert_batches_equal(next(resumed), run[step])
+    assert json.loads(json.dumps(resumed.state()))["next_step"] == 7
+
+
+@pytest.mark.parametrize("process_count", [2, 4, 8])
+def test_process_slices_concatenate_to_global_batch(stream, process_count):
+  kw = dict(seed=0, global_batch=16, seq_len=24)
+  whole = data.batch_for_step(stream, 9, **kw)
+  parts = [data.batch_for_step(stream, 9, process_index=p,
+                               process_count=process_count, **kw)
+           for p in range(process_count)]
+  for k in KEYS:
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]),
+                                  whole[k])
+
+
+def test_uneven_process_split_is_refused(stream):
+  with pytest.raises(ValueError, match="process_count"):
+    data.batch_for_step(stream, 0, seed=0, global_batch=6, seq_len=8,
+                        process_index=0, process_count=4)
+
+
+def test_each_epoch_uses_every_window_exactly_once():
+  seq_len, n_windows, batch = 7, 10, 4
+  # Token value = stream position, so a window's first token names it; the
+  # tail of 3 tokens cannot form a window and must never appear.
+  tokens = np.arange(n_windows * (seq_len + 1) + 3, dtype=np.int32) + 100
+  s = corpus.PackedStream(tokens, np.zeros(1, np.int64))
+  firsts = np.concatenate([
+      data.batch_for_step(s, step, seed=5, global_batch=batch,
+                          seq_len=seq_len)["inputs"][:, 0]
+      for step in range(5)])  # 20 examples = 2 epochs; steps 2 straddles.
+  windows = (firsts - 100) // (seq_len + 1)
+  assert np.all((firsts - 100) % (seq_len + 1) == 0)
+  assert sorted(windows[:10]) == list(range(10))
+  assert sorted(windows[10:]) == list(range(10))
+  assert not np.array_equal(windows[:10], windows[10:])  # Fresh order.
+
+
+def test_packing_features_on_hand_made_stream():
+  x = 50
+  tokens = np.array([x, x, BOS, x, x, EOS, BOS, x, EOS, BOS], np.uint16)
+  s = corpus.PackedStream.from_tokens(tokens)
+  np.testing.assert_array_equal(s.doc_starts, [0, 2, 6, 9])
+  b = data.batch_for_step(s, 0, seed=0, global_batch=1, seq_len=9)
+  assert b["segment_ids"][0].tolist() == [1, 1, 2, 2, 2, 2, 3, 3, 3]
+  assert b["positions"][0].tolist() == [0, 1, 0, 1, 2, 3, 0, 1, 2]
+  assert b["weights"][0].tolist() == [1, 0, 1, 1, 1, 0, 1, 1, 0]
+
+  starts_with_bos = np.array([BOS, x, x, BOS, x], np.uint16)
+  s = corpus.PackedStream.from_tokens(starts_with_bos)
+  b = data.batch_for_step(s, 0, seed=0, global_batch=1, seq_len=4)
+  assert b["segment_ids"][0].tolist() == [1, 1, 1, 2]
+  assert b["positions"][0].tolist() == [0, 1, 2, 0]
+  assert b["weights"][0].tolist() == [1, 1, 0, 1]
+
+
+def reference_features(inputs: np.ndarray, targets: np.ndarray) -> dict:
+  """Per-token loop over one row; BOS marks document starts here."""
+  seg, pos, w = [], [], []
+  s, p = 1, 0
+  for j, tok in enumerate(inputs):
+    if tok == BOS and j > 0:
+      s, p = s + 1, 0
+    seg.append(s)
+    pos.append(p)
+    w.append(0.0 if targets[j] == BOS else 1.0)
+    p += 1
+  return {"segment_ids": seg, "positions": pos, "weights": w}
+
+
+def test_packing_features_match_per_token_reference(stream):
+  b = data.batch_for_step(stream, 2, seed=4, global_batch=16, seq_len=48)
+  for row in range(16):
+    ref = reference_features(b["inputs"][row], b["targets"][row])
+    for k, v in ref.items():
+      np.testing.assert_array_equal(b[k][row], v, err_msg=f"{k} row {row}")
+
+
+def test_too_small_stream_is_refused():
+  s = corpus.PackedStream.from_tokens(np.array([BOS, 5, 6], np.uint16))
+  with pytest.raises(ValueError, match="data.seq_len"):
+    data.batch_for_step(s, 0, seed=0, global_batch=1, seq_len=8)
+
+
+# ----------------------------------------------------------------- iterator
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_iterator_yields_batch_for_step(stream, prefetch):
+  kw = dict(seed=2, global_batch=4, seq_len=16, process_index=1,
+            process_count=2)
+  with data.DataIterator(stream, start_step=10, prefetch=prefetch,
+                         **kw) as it:
+    for step in range(10, 16):
+      assert_batches_equal(next(it), data.batch_for_step(stream, step, **kw))
+  if it._thread is not None:
+    assert not it._thread.is_alive()
+  with pytest.raises(RuntimeError, match="closed"):
+    next(it)
+
+
+def test_iterator_surfaces_worker_exception(stream, monkeypatch):
+  real = data.batch_for_step
+
+  def failing(s, step, **kw):
+    if step == 2:
+      raise KeyError("boom at step 2")
+    return real(s, step, **kw)
+
+  monkeypatch.setattr(data, "batch_for_step", failing)
+  it = data.DataIterator(stream, seed=0, global_batch=2, seq_len=8,
+                         prefetch=2)
+  next(it)
+  next(it)
+  with pytest.raises(KeyError, match="boom"):
+    next(it)
+  with pytest.raises(KeyError):  # Stays failed rather than hanging.
+    next(it)
+  assert it.state()["next_step"] == 2
+  it.close()
+  assert not it._thread.is_alive()
+
+
+def test_eval_batches_are_fixed(stream):
+  kw = dict(seed=9, global_batch=4, seq_len=16)
+  first = list(data.eval_batches(stream, 3, **kw))
+  second = list(data.eval_batches(stream, 3, **kw))
+  assert len(first) == 3
+  for a, b in zip(first, second):
+    assert_batches_equal(a, b)
+  assert not np.array_equal(first[0]["inputs"], first[1]["inputs"])
+
+
+# ------------------------------------------------------------------ sources
+
+
+def write_text_files(root, names):
+  for name in names:
+    path = os.path.join(root, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      f.write(f"document {name}\n" * 3)
+
+
+def decoded_docs(stream) -> set[str]:
+  tok = ByteTokenizer()
+  return {tok.decode(d) for d in docs_of(stream)}
+
+
+def test_text_glob_split_is_disjoint_and_stable(tmp_path):
+  names = [f"sub{i % 3}/doc{i:02d}.txt" for i in range(40)]
+  write_text_files(tmp_path / "a", names)
+  (tmp_path / "a" / "skip.md").write_text("not matched")
+  cfg = make_cfg(source="text", path=str(tmp_path / "a" / "**" / "*.txt"),
+                 heldout_fraction=0.3, seq_len=8)
+  train, held = data.load_splits(cfg)
+  want = {f"document {n}\n" * 3 for n in names}
+  assert decoded_docs(train) | decoded_docs(held) == want
+  assert not decoded_docs(train) & decoded_docs(held)
+  assert held.num_documents and train.num_documents
+  for d in docs_of(train):
+    assert d[0] == BOS and d[-1] == EOS
+
+  # Adding files and moving the dataset keep every document's split.
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  write_text_files(tmp_path / "b", [f"new/doc{i}.txt" for i in range(30)])
+  cfg.path = str(tmp_path / "b" / "**" / "*.txt")
+  train2, held2 = data.load_splits(cfg)
+  assert decoded_docs(train) <= decoded_docs(train2)
+  assert decoded_docs(held) <= decoded_docs(held2)
+
+
+def test_max_corpus_bytes_stops_reading(tmp_path):
+  write_text_files(tmp_path, [f"d{i:02d}.txt" for i in range(20)])
+  one = os.path.getsize(tmp_path / "d00.txt")
+  cfg = make_cfg(source="text", path=str(tmp_path / "*.txt"),
+                 heldout_fraction=0.5, max_corpus_bytes=3 * one + 1, seq_len=2)
+  train, held = corpus.build_splits(cfg)
+  assert train.num_documents + held.num_documents == 4
+
+
+def test_jsonl_reads_the_named_field(tmp_path):
+  lines = [json.dumps({"body": f"story number {i}", "text": "decoy"})
+           for i in range(60)]
+  lines.insert(5, "")  # Blank lines are skipped.
+  (tmp_path / "part0.jsonl").write_text("\n".join(lines[:30]) + "\n")
+  (tmp_path / "part1.jsonl").write_text("\n".join(lines[30:]) + "\n")
+  cfg = make_cfg(source="jsonl", path=str(tmp_path / "*.jsonl"),
+                 jsonl_field="body", heldout_fraction=0.2, seq_len=8)
+  train, held = data.load_splits(cfg)
+  got = decoded_docs(train) | decoded_docs(held)
+  assert got == {f"story number {i}" for i in range(60)}
+  assert train.num_documents + held.num_documents == 60
+  assert not decoded_docs(train) & decoded_docs(held)
+
+
+def test_jsonl_record_without_the_field_is_refused_at_load(tmp_path):
+  lines = [json.dumps({"text": "fine"}), json.dumps({"title": "no text"})]
+  (tmp_path / "r.jsonl").write_text("\n".join(lines) + "\n")
+  cfg = make_cfg(source="jsonl", path=str(tmp_path / "r.jsonl"))
+  data.validate_data_config(cfg)  # Only the first record is checked early.
+  with pytest.raises(ValueError, match=r"data.jsonl_field.*line 2"):
+    data.load_splits(cfg)
+
+
+def test_npy_source_splits_documents_without_copying(tmp_path):
+  rng = np.random.default_rng(1)
+  docs = [tuple([BOS] + rng.integers(3, 1000, size=rng.integers(1, 40))
+                .tolist()) for _ in range(300)]
+  tokens = np.array([t for d in docs for t in d], np.int32)
+  np.save(tmp_path / "ids.npy", tokens)
+  cfg = make_cfg(source="array", path=str(tmp_path / "ids.npy"),
+                 heldout_fraction=0.25, seq_len=16)
+  train, held = data.load_splits(cfg)
+  assert isinstance(train.tokens, np.memmap)
+  assert sorted(docs_of(train) + docs_of(held)) == sorted(docs)
+  assert 30 < held.num_documents < 120  # About a quarter, by hash.
+  assert not set(docs_of(train)) & set(docs_of(held))
+  # A split made of many runs gives the same batches as a contiguous copy.
+  copy = corpus.PackedStream.from_tokens(
+      np.concatenate([np.array(d) for d in docs_of(train)]))
+  kw = dict(seed=0, global_batch=8, seq_len=16)
+  for step in (0, 7):
+    assert_batches_equal(data.batch_for_step(train, step, **kw),
+                         data.batch_for_step(copy, step, **kw))
+  assert train.fingerprint() == copy.fingerprint()
+  # Appending documents keeps every earlier document in its split.
+  more = np.concatenate([tokens, np.array([BOS, 7, 8, BOS, 9], np.int32)])
+  np.save(tmp_path / "ids.npy", more)
+  train2, held2 = data.load_splits(cfg)
+  assert set(docs_of(held)) <= set(docs_of(held2))
+  assert set(docs_of(train)) <= set(docs_of(train2))
+
+
+def test_embedded_corpus_loads_both_splits():
+  cfg = make_cfg(seq_len=128, max_corpus_bytes=2_000_000)
+  train, held = data.load_splits(cfg)
+  assert train.tokens.dtype == np.uint16
+  assert train.num_windows(128) > 100 and held.num_windows(128) > 0
+  assert len(train) + len(held) >= 2_000_000
+  assert not decoded_docs(held) & decoded_docs(train)
+  rels = [rel for rel, _ in corpus.embedded_files()]
+  assert rels == sorted(rels) and "os.py" in rels
+  assert not any(part in ("test", "tests", "site-packages", "idle_test")
+                 for rel in rels for part in rel.split(os.sep))
+  b = data.batch_for_step(train, 0, seed=0, global_batch=4, seq_len=128)
+  assert b["inputs"].max() < ByteTokenizer.vocab_size
+
+
+def test_check_vocab(tmp_path):
+  text = corpus._pack([b"abc"], "train")
+  data.check_vocab(text, 259)
+  with pytest.raises(ValueError, match="model.vocab_size"):
+    data.check_vocab(text, 256)  # Byte streams need all 259 ids.
+  array = corpus.PackedStream.from_tokens(np.array([1, 5, 700], np.int32))
+  data.check_vocab(array, 701)
+  with pytest.raises(ValueError, match="model.vocab_size.*701"):
+    data.check_vocab(array, 700)
+  negative = corpus.PackedStream.from_tokens(np.array([1, -4], np.int32))
+  with pytest.raises(ValueError, match="data.path"):
+    data.check_vocab(negative, 1000)
+
+
+# ------------------------------------------------------------- bad configs
+
+
+def bad_cases(tmp_path):
+  np.save(tmp_path / "two_d.npy", np.zeros((4, 4), np.int32))
+  np.save(tmp_path / "floats.npy", np.zeros(16, np.float32))
+  (tmp_path / "notnpy.npy").write_text("hello")
+  (tmp_path / "r.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+  (tmp_path / "bad.jsonl").write_text("{not json\n")
+  missing = str(tmp_path / "nothing" / "*.txt")
+  return {
+      "source": (dict(source="web"), "data.source"),
+      "text_glob": (dict(source="text", path=missing), "data.path: no file"),
+      "empty_path": (dict(source="text", path=""), "data.path"),
+      "embedded_path": (dict(path="/x"), "data.path"),
+      "jsonl_field": (dict(source="jsonl", path=str(tmp_path / "r.jsonl"),
+                           jsonl_field="body"), "data.jsonl_field"),
+      "jsonl_syntax": (dict(source="jsonl", path=str(tmp_path / "bad.jsonl")),
+                       "data.path"),
+      "array_2d": (dict(source="array", path=str(tmp_path / "two_d.npy")),
+                   "data.path"),
+      "array_float": (dict(source="array", path=str(tmp_path / "floats.npy")),
+                      "data.path"),
+      "array_not_npy": (dict(source="array",
+                             path=str(tmp_path / "notnpy.npy")), "data.path"),
+      "array_missing": (dict(source="array", path=str(tmp_path / "no.npy")),
+                        "data.path: no file"),
+      "seq_len": (dict(seq_len=1), "data.seq_len"),
+      "heldout_zero": (dict(heldout_fraction=0.0), "data.heldout_fraction"),
+      "heldout_big": (dict(heldout_fraction=0.6), "data.heldout_fraction"),
+      "prefetch": (dict(prefetch=-1), "data.prefetch"),
+      "max_bytes": (dict(max_corpus_bytes=0), "data.max_corpus_bytes"),
+  }
+
+
+@pytest.mark.parametrize("case", [
+    "source", "text_glob", "empty_path", "embedded_path", "jsonl_field",
+    "jsonl_syntax", "array_2d", "array_float", "array_not_npy",
+    "array_missing", "seq_len", "heldout_zero", "heldout_big", "prefetch",
+    "max_bytes"])
+def test_bad_config_names_the_field(tmp_path, case):
+  overrides, needle = bad_cases(tmp_path)[case]
+  with pytest.raises(ValueError) as err:
+    data.validate_data_config(make_cfg(**overrides))
+  assert needle in str(err.value)
+  assert ";" in str(err.value)  # "data.<field>: problem; how to fix it".
+
+
+def test_split_too_small_is_refused(tmp_path):
+  (tmp_path / "tiny.txt").write_text("hi")
+  cfg = make_cfg(source="text", path=str(tmp_path / "*.txt"), seq_len=64,
+                 heldout_fraction=0.5)
+  with pytest.raises(ValueError, match=r"split has \d+ tokens.*data.seq_len"):
+    data.load_splits(cfg)
