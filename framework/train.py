@@ -102,31 +102,37 @@ class Trainer:
     stats = {**token_losses(logits, batch['targets'], batch['weights']), **aux}
     return stats['ce_sum'] + self.cfg.train.z_loss * stats['z_sum'], stats
 
+  def _micro_grads(self, params, micro_batch):
+    """f32 gradients of one micro-batch's summed loss, its statistics, and its per-micro-batch values."""
+    (_, stats), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(params, micro_batch)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    per_micro = {}
+    if self.cfg.train.micro_grad_norms:
+      per_micro['micro_grad_norm'] = optax.global_norm(grads) / jnp.maximum(stats['tokens'], 1.0)
+    return grads, stats, per_micro
+
   def _accumulate(self, params, batch):
     """Sums gradients and statistics over micro-batches with lax.scan.
 
     The carry holds sums (gradients, token counts, anything a model adds to `aux`, e.g. expert counts); the
-    scan's per-iteration outputs hold per-micro-batch values (e.g. each micro-batch's gradient norm).
+    scan's per-iteration outputs hold per-micro-batch values (e.g. each micro-batch's gradient norm), stacked
+    on a leading axis of length train.micro_batches.
     """
     n = self.cfg.train.micro_batches
     micro = {k: split_micro_batches(v, n) for k, v in batch.items()}
     micro = {k: self.sharder.constrain(v, (None, 'batch', 'seq')) for k, v in micro.items()}
-    grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+    if n == 1:  # no loop and no zero-filled accumulator: XLA fuses the single pass better
+      grads, stats, per_micro = self._micro_grads(params, jax.tree.map(lambda x: x[0], micro))
+      return grads, stats, jax.tree.map(lambda x: x[None], per_micro)
     param_shardings = self.state_shardings.params
 
     def body(carry, mb):
-      grad_sum, stat_sum = carry
-      (_, stats), grads = grad_fn(params, mb)
-      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-      per_micro = {}
-      if self.cfg.train.micro_grad_norms:
-        per_micro['micro_grad_norm'] = optax.global_norm(grads) / jnp.maximum(stats['tokens'], 1.0)
-      grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
+      grads, stats, per_micro = self._micro_grads(params, mb)
+      grad_sum = jax.tree.map(jnp.add, carry[0], grads)
       grad_sum = jax.tree.map(jax.lax.with_sharding_constraint, grad_sum, param_shardings)
-      return (grad_sum, jax.tree.map(jnp.add, stat_sum, stats)), per_micro
+      return (grad_sum, jax.tree.map(jnp.add, carry[1], stats)), per_micro
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    stat_shapes = jax.eval_shape(lambda: grad_fn(params, first)[0][1])
+    stat_shapes = jax.eval_shape(lambda: self._micro_grads(params, jax.tree.map(lambda x: x[0], micro))[1])
     zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
              jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stat_shapes))
     (grad_sum, stat_sum), per_micro = jax.lax.scan(body, zeros, micro)

@@ -1,0 +1,127 @@
+"""Benchmarks that print ratios against a baseline measured in the same run.
+
+  python -m launch.bench --suite=train      # lm_small train step: tokens/s, MFU, vs a plain single-device step
+  python -m launch.bench --suite=kernels    # Pallas kernels vs their XLA (and cuDNN) baselines
+  python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
+
+Rows are printed as a Markdown table, ready for the README's benchmark table.
+"""
+import os
+import statistics
+import time
+
+import jax
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+import configs
+from launch import cpu_devices
+
+_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'all'], 'What to benchmark.')
+_CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
+                                          'Model config for --suite=train.', lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (after 2 warm-up steps).')
+_QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
+                           'runs in interpret mode).')
+
+
+def _time_steps(step, state, batch, n: int) -> float:
+  """Median seconds per step of `state = step(state, batch)` (donating steps cannot reuse one input)."""
+  for _ in range(2):
+    state = jax.block_until_ready(step(state, batch))
+  times = []
+  for _ in range(n):
+    start = time.perf_counter()
+    state = jax.block_until_ready(step(state, batch))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _reference_step(trainer, batch, device):
+  """The same model and AdamW on one device, written plainly: no mesh, no micro-batch scan, no extra metrics."""
+  from framework.mesh import Sharder  # pylint: disable=g-import-not-at-top
+  from framework.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from framework.train import token_losses  # pylint: disable=g-import-not-at-top
+  cfg = trainer.cfg
+  model = Transformer(trainer.model_cfg, Sharder(None, ()))
+  opt = optax.adamw(cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=cfg.optim.weight_decay)
+
+  def loss_fn(params, b):
+    logits, _ = model.apply({'params': params}, b['inputs'], b['positions'], b['segment_ids'])
+    losses = token_losses(logits, b['targets'], b['weights'])
+    return losses['ce_sum'] / losses['tokens']
+
+  @jax.jit
+  def step(state, b):
+    params, opt_state = state
+    grads = jax.grad(loss_fn)(params, b)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  batch = jax.device_put(jax.device_get(batch), device)
+  params = jax.device_put(jax.device_get(trainer.init(jax.random.key(0)).params), device)
+  return step, (params, opt.init(params)), batch
+
+
+def train_suite(cfg) -> None:
+  from framework import config as config_lib  # pylint: disable=g-import-not-at-top
+  from framework import data as data_lib  # pylint: disable=g-import-not-at-top
+  from framework import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from framework.mesh import make_sharder  # pylint: disable=g-import-not-at-top
+  from framework.models.transformer import num_params  # pylint: disable=g-import-not-at-top
+  from framework.train import Trainer  # pylint: disable=g-import-not-at-top
+
+  devices = jax.devices()
+  config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
+  train_data, _ = data_lib.load_splits(cfg.data)
+  local = data_lib.batch_for_step(train_data, 0, seed=cfg.seed, global_batch=cfg.train.batch_size,
+                                  seq_len=cfg.data.seq_len)
+  trainer = Trainer(cfg, make_sharder(cfg, devices))
+  batch = trainer.device_batch(local)
+  state = trainer.init(jax.random.key(0))
+  peak, source = metrics_lib.peak_flops(devices, cfg.metrics.peak_flops_per_device)
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  flops = trainer.flops_per_token * tokens
+  print(f'# train suite: {num_params(state.params) / 1e6:.1f}M params, batch {cfg.train.batch_size} x '
+        f'{cfg.data.seq_len} tokens, {flops / 1e12:.3f} TFLOP/step')
+  print(f'# {len(devices)} x {devices[0].device_kind}; peak {peak / 1e12:.3f} TFLOP/s ({source})')
+
+  framework_time = _time_steps(lambda s, b: trainer.train_step(s, b)[0], state, batch, _STEPS.value)
+  del state
+  ref_step, ref_state, ref_batch = _reference_step(trainer, batch, devices[0])
+  reference_time = _time_steps(ref_step, ref_state, ref_batch, _STEPS.value)
+
+  print('| step | mesh | ms/step | tokens/s | TFLOP/s | MFU | vs reference |')
+  print('|---|---|---|---|---|---|---|')
+  mesh = 'x'.join(f'{k}{v}' for k, v in trainer.sharder.mesh.shape.items() if v > 1) or 'single'
+  for name, mesh_name, t in (('batchax train_step', mesh, framework_time),
+                             ('plain reference', '1 device', reference_time)):
+    print(f'| {name} | {mesh_name} | {1e3 * t:.1f} | {tokens / t:,.0f} | {flops / t / 1e12:.4f} | '
+          f'{100 * flops / t / peak:.1f}% | {reference_time / t:.2f}x |')
+
+
+def kernels_suite(quick: bool) -> None:
+  from launch import bench_decode, bench_flash, bench_grouped_matmul  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  quick = quick or backend == 'cpu'
+  print(f'# kernels suite on {backend} ({jax.devices()[0].device_kind}){"; interpret-mode smoke run" if backend == "cpu" else ""}')
+  print('| kernel | case | impl | ms | throughput | baseline | baseline ms | vs baseline |')
+  print('|---|---|---|---|---|---|---|---|')
+  for module in (bench_flash, bench_decode, bench_grouped_matmul):
+    for r in module.run(backend, quick):
+      print(f"| {r['kernel']} | {r['case']} | {r['impl']} | {r['time_ms']:.3f} | {r['throughput']:.3f} {r['unit']} | "
+            f"{r['baseline']} | {r['baseline_time_ms']:.3f} | {r['vs_baseline']:.2f}x |")
+
+
+def main(argv):
+  del argv
+  cpu_devices.apply()
+  if _SUITE.value in ('train', 'all'):
+    train_suite(_CONFIG.value)
+  if _SUITE.value in ('kernels', 'all'):
+    kernels_suite(_QUICK.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
