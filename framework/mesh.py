@@ -19,20 +19,44 @@ MESH_AXES = config_lib.ICI_AXES  # outermost (DCN-friendly) to innermost (fastes
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh with axes ('data', 'fsdp', 'expert', 'tensor') and Auto axis types (GSPMD propagates)."""
+  """A Mesh with axes ('data', 'fsdp', 'expert', 'tensor') and Auto axis types (GSPMD propagates).
+
+  With DCN sizes > 1 the devices are split into granules (TPU slices, else hosts; on a single host, equal
+  contiguous blocks, so multi-slice layouts can be tried on fake CPU devices): each axis is dcn x ici with the
+  DCN part outermost, so only the DCN-split axes cross the slow links.
+  """
   devices = list(jax.devices() if devices is None else devices)
   sizes = config_lib.mesh_sizes(mesh_cfg, len(devices))
   dcn = [mesh_cfg[f'dcn_{a}'] for a in MESH_AXES]
   ici = [sizes[a] // d for a, d in zip(MESH_AXES, dcn)]
-  if np.prod(dcn) > 1:
-    # On CPU and GPU hosts are the slices; on TPU the devices carry a slice_index.
-    granule_is_process = not hasattr(devices[0], 'slice_index')
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=granule_is_process)
-  elif devices[0].platform == 'cpu':
-    grid = np.asarray(devices).reshape(ici)
-  else:
-    grid = mesh_utils.create_device_mesh(ici, devices)
+  granules = _granules(devices, int(np.prod(dcn)))
+  blocks = np.stack([_ici_grid(g, ici) for g in granules]).reshape(dcn + ici)
+  # [d0..d3, i0..i3] -> [d0, i0, d1, i1, ...] -> [d0*i0, d1*i1, ...]
+  order = [k for pair in zip(range(4), range(4, 8)) for k in pair]
+  grid = blocks.transpose(order).reshape([d * i for d, i in zip(dcn, ici)])
   return Mesh(grid, MESH_AXES)
+
+
+def _granules(devices, count: int) -> list[list[jax.Device]]:
+  if count == 1:
+    return [devices]
+  key = (lambda d: d.slice_index) if hasattr(devices[0], 'slice_index') else (lambda d: d.process_index)
+  groups: dict = {}
+  for d in devices:
+    groups.setdefault(key(d), []).append(d)
+  if len(groups) == 1:
+    per = len(devices) // count
+    return [devices[i * per:(i + 1) * per] for i in range(count)]
+  if len(groups) != count:
+    raise ValueError(f'config mesh.dcn_*: the DCN sizes multiply to {count} but the devices form {len(groups)} '
+                     'slices/hosts; make the dcn_* sizes multiply to the number of slices')
+  return [groups[k] for k in sorted(groups)]
+
+
+def _ici_grid(devices, ici: list[int]) -> np.ndarray:
+  if devices[0].platform == 'cpu':
+    return np.asarray(devices).reshape(ici)
+  return mesh_utils.create_device_mesh(ici, devices)
 
 
 def _rule_axes(axes) -> tuple[str, ...]:
