@@ -26,16 +26,19 @@ _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (alway
                            'runs in interpret mode).')
 
 
-def _time_steps(step, state, batch, n: int) -> float:
-  """Median seconds per step of `state = step(state, batch)` (donating steps cannot reuse one input)."""
-  for _ in range(2):
-    state = jax.block_until_ready(step(state, batch))
-  times = []
-  for _ in range(n):
-    start = time.perf_counter()
-    state = jax.block_until_ready(step(state, batch))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+def _time_interleaved(runs: dict, n: int) -> dict[str, float]:
+  """Median seconds per step for each {name: (step, state, batch)}, alternating between them step by step so
+  that a change in machine load hits every variant alike. Steps may donate their state: each call's output
+  feeds the next."""
+  states = {name: state for name, (_, state, _) in runs.items()}
+  times = {name: [] for name in runs}
+  for i in range(n + 2):  # the first two rounds warm up (compile, allocator)
+    for name, (step, _, batch) in runs.items():
+      start = time.perf_counter()
+      states[name] = jax.block_until_ready(step(states[name], batch))
+      if i >= 2:
+        times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _reference_step(trainer, batch, device):
@@ -87,10 +90,11 @@ def train_suite(cfg) -> None:
         f'{cfg.data.seq_len} tokens, {flops / 1e12:.3f} TFLOP/step')
   print(f'# {len(devices)} x {devices[0].device_kind}; peak {peak / 1e12:.3f} TFLOP/s ({source})')
 
-  framework_time = _time_steps(lambda s, b: trainer.train_step(s, b)[0], state, batch, _STEPS.value)
-  del state
-  ref_step, ref_state, ref_batch = _reference_step(trainer, batch, devices[0])
-  reference_time = _time_steps(ref_step, ref_state, ref_batch, _STEPS.value)
+  times = _time_interleaved({
+      'framework': (lambda s, b: trainer.train_step(s, b)[0], state, batch),
+      'reference': _reference_step(trainer, batch, devices[0]),
+  }, _STEPS.value)
+  framework_time, reference_time = times['framework'], times['reference']
 
   print('| step | mesh | ms/step | tokens/s | TFLOP/s | MFU | vs reference |')
   print('|---|---|---|---|---|---|---|')
