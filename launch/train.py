@@ -35,7 +35,7 @@ def main(argv):
   except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
     logging.error('%s', e)
     sys.exit(f'error: {e}')
-  logging.info('Done: %s', {k: v for k, v in summary.items() if k in ('step', 'loss', 'eval_loss')})
+  logging.info('Done: %s', {k: round(float(v), 4) for k, v in summary.items() if k in ('step', 'loss', 'eval_loss')})
 
 
 if __name__ == '__main__':
