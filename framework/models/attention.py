@@ -15,14 +15,17 @@ ACT_NAMES = ('batch', 'seq', 'heads', 'head_dim')
 KV_NAMES = ('batch', 'seq', 'kv_heads', 'head_dim')
 
 
-def resolve_impl(impl: str, backend: str | None = None) -> str:
-  """The implementation 'auto' stands for on `backend`: cuDNN on GPU, Pallas on TPU, XLA elsewhere."""
+def resolve_impl(impl: str, dtype=jnp.bfloat16, backend: str | None = None) -> str:
+  """The implementation 'auto' stands for: cuDNN on GPU for 16-bit inputs (its fused kernel has no f32 path),
+  Pallas on TPU, XLA elsewhere."""
   if impl not in config_lib.ATTENTION_IMPLS:
     raise ValueError(f'attention_impl {impl!r} is not one of {config_lib.ATTENTION_IMPLS}')
   if impl != 'auto':
     return impl
   backend = backend or jax.default_backend()
-  return {'gpu': 'cudnn', 'tpu': 'pallas'}.get(backend, 'xla')
+  if backend == 'gpu':
+    return 'cudnn' if jnp.dtype(dtype).itemsize == 2 else 'xla'
+  return 'pallas' if backend == 'tpu' else 'xla'
 
 
 def xla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None):
@@ -73,7 +76,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = 'xla', causal: bool = Tr
 
   segment_ids [batch, seq] keeps packed documents apart: a token sees only keys of its own segment.
   """
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, q.dtype)
   if impl == 'xla':
     return xla_attention(q, k, v, segment_ids=segment_ids, causal=causal)
   if impl == 'cudnn':
