@@ -223,6 +223,9 @@ def validate(cfg, *, num_devices: int, backend: str = 'cpu') -> dict[str, int]:
     _fail('model.n_kv_heads', f'{m.n_kv_heads} must divide model.n_heads={m.n_heads}')
   if m.head_dim < 0 or (m.head_dim == 0 and m.d_model % m.n_heads):
     _fail('model.head_dim', f'd_model={m.d_model} is not divisible by n_heads={m.n_heads}; set head_dim')
+  if head_dim(m) % 2:
+    _fail('model.head_dim', f'{head_dim(m)} is odd; rotary embeddings need an even head dim (set model.head_dim '
+          'or change d_model / n_heads)')
   from framework.tokenizer import ByteTokenizer  # pylint: disable=g-import-not-at-top
   if d.source != 'array' and m.vocab_size < ByteTokenizer.vocab_size:
     _fail('model.vocab_size', f'{m.vocab_size} is smaller than the byte tokenizer\'s {ByteTokenizer.vocab_size}')
@@ -255,8 +258,8 @@ def validate(cfg, *, num_devices: int, backend: str = 'cpu') -> dict[str, int]:
   _one_of('optim.name', o.name, OPTIMIZERS)
   _one_of('optim.schedule', o.schedule, SCHEDULES)
   _positive(cfg, 'optim', 'lr')
-  if not 0 <= o.warmup_steps <= t.steps:
-    _fail('optim.warmup_steps', f'{o.warmup_steps} must be in [0, train.steps={t.steps}]')
+  if o.warmup_steps < 0:
+    _fail('optim.warmup_steps', f'must be >= 0, got {o.warmup_steps}')
   if not 0 < o.decay_fraction <= 1:
     _fail('optim.decay_fraction', f'{o.decay_fraction} must be in (0, 1]')
   if not 0 <= o.min_lr_ratio <= 1:

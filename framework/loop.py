@@ -95,7 +95,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
       checkpointer.close()
     return {'step': start}
 
-  writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard)
+  writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, resume_step=start)
   batches = data_lib.DataIterator(train_data, start_step=start, seed=cfg.seed, global_batch=t.batch_size,
                                   seq_len=cfg.data.seq_len, process_index=jax.process_index(),
                                   process_count=jax.process_count(), prefetch=cfg.data.prefetch)

@@ -63,13 +63,15 @@ class MetricsWriter:
   Only process 0 writes. Appending (not truncating) keeps the history of a resumed run in one file.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0):
     self.active = jax.process_index() == 0
     self._tb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    _drop_records_after(path, resume_step)
+    self._jsonl = open(path, 'a', encoding='utf-8')
     if tensorboard:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -91,6 +93,21 @@ class MetricsWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """A run that crashed after logging step k but before checkpointing it redoes those steps on resume: drop the
+  stale records so each step appears once."""
+  if not os.path.exists(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line).get('step', 0) <= step]
+  if len(kept) != len(lines):
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _plain(value):
