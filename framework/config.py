@@ -120,6 +120,20 @@ def head_dim(model_cfg) -> int:
   return model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
 
 
+def cudnn_supports(dtype: str, head_size: int) -> bool:
+  """Whether cuDNN's fused attention (through jax.nn.dot_product_attention) takes this dtype and head dim."""
+  return dtype in ('bfloat16', 'float16') and head_size % 8 == 0 and head_size <= 128
+
+
+def shard_count(rules, sizes: dict[str, int], name: str) -> tuple[int, tuple[str, ...]]:
+  """How many shards the first rule for logical axis `name` splits it into, and over which mesh axes."""
+  for rule_name, axes in rules:
+    if rule_name == name:
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      return math.prod(sizes[a] for a in axes), axes
+  return 1, ()
+
+
 def _fail(field: str, message: str):
   raise ValueError(f'config {field}: {message}')
 
@@ -217,8 +231,12 @@ def validate(cfg, *, num_devices: int, backend: str = 'cpu') -> dict[str, int]:
   _one_of('model.remat_policy', m.remat_policy, REMAT_POLICIES)
   _one_of('model.param_dtype', m.param_dtype, DTYPES)
   _one_of('model.dtype', m.dtype, DTYPES)
-  if m.attention_impl == 'cudnn' and backend != 'gpu':
-    _fail('model.attention_impl', f"'cudnn' needs a GPU but the backend is {backend!r}; use 'auto' or 'xla'")
+  if m.attention_impl == 'cudnn':
+    if backend != 'gpu':
+      _fail('model.attention_impl', f"'cudnn' needs a GPU but the backend is {backend!r}; use 'auto' or 'xla'")
+    if not cudnn_supports(m.dtype, head_dim(m)):
+      _fail('model.attention_impl', f"cuDNN's fused attention needs model.dtype bfloat16/float16 and a head dim "
+            f"that is a multiple of 8 and <= 128 (got {m.dtype}, {head_dim(m)}); use 'auto' or 'xla'")
   if m.n_heads % m.n_kv_heads:
     _fail('model.n_kv_heads', f'{m.n_kv_heads} must divide model.n_heads={m.n_heads}')
   if m.head_dim < 0 or (m.head_dim == 0 and m.d_model % m.n_heads):
@@ -232,13 +250,13 @@ def validate(cfg, *, num_devices: int, backend: str = 'cpu') -> dict[str, int]:
 
   _check_rules(cfg.mesh.axis_rules)
   sizes = mesh_sizes(cfg.mesh, num_devices)
-  tp = sizes['tensor']
-  for field, value in (('model.n_heads', m.n_heads), ('model.n_kv_heads', m.n_kv_heads), ('model.d_ff', m.d_ff),
-                       ('model.vocab_size', m.vocab_size)):
-    if value % tp:
-      _fail(field, f'{value} is not divisible by the tensor axis (mesh.tensor={tp}); change one of them')
-  if m.d_model % sizes['fsdp']:
-    _fail('model.d_model', f'{m.d_model} is not divisible by the fsdp axis (mesh.fsdp={sizes["fsdp"]})')
+  for field, value, name in (('model.n_heads', m.n_heads, 'heads'), ('model.n_kv_heads', m.n_kv_heads, 'kv_heads'),
+                             ('model.d_ff', m.d_ff, 'mlp'), ('model.vocab_size', m.vocab_size, 'vocab'),
+                             ('model.d_model', m.d_model, 'embed'), ('data.seq_len', d.seq_len, 'seq')):
+    count, axes = shard_count(cfg.mesh.axis_rules, sizes, name)
+    if value % count:
+      _fail(field, f'{value} is not divisible by the {count} shards of logical axis {name!r} (mesh axes {axes} '
+            'via mesh.axis_rules); change the size, the mesh sizes or the rule')
 
   if d.seq_len > m.max_seq_len:
     _fail('data.seq_len', f'{d.seq_len} is longer than the model allows (model.max_seq_len={m.max_seq_len}); '
@@ -249,11 +267,11 @@ def validate(cfg, *, num_devices: int, backend: str = 'cpu') -> dict[str, int]:
   _positive(cfg, 'train', 'steps', 'batch_size', 'micro_batches', 'log_every', 'eval_batches')
   if t.eval_every < 0 or t.z_loss < 0:
     _fail('train.eval_every' if t.eval_every < 0 else 'train.z_loss', 'must be >= 0')
-  dp = sizes['data'] * sizes['fsdp'] * sizes['expert']
+  dp, dp_axes = shard_count(cfg.mesh.axis_rules, sizes, 'batch')
   unit = dp * t.micro_batches
   if t.batch_size % unit:
-    _fail('train.batch_size', f'{t.batch_size} is not divisible by data x fsdp x expert ({dp}) x '
-          f'train.micro_batches ({t.micro_batches}) = {unit}; use a multiple of {unit}')
+    _fail('train.batch_size', f'{t.batch_size} is not divisible by the batch shards ({" x ".join(dp_axes) or "1"} '
+          f'= {dp}) x train.micro_batches ({t.micro_batches}) = {unit}; use a multiple of {unit}')
 
   _one_of('optim.name', o.name, OPTIMIZERS)
   _one_of('optim.schedule', o.schedule, SCHEDULES)

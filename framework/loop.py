@@ -36,15 +36,29 @@ def evaluate(trainer: Trainer, params, heldout, cfg) -> dict[str, float]:
   return {'eval_loss': loss, 'eval_bits_per_token': loss / np.log(2)}
 
 
+# Fields that change the saved arrays' shapes or tree structure; anything else (compute dtype, remat, attention
+# kernel, learning rate, ...) may change between a save and a resume.
+_STRUCTURE_FIELDS = ('model.vocab_size', 'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads',
+                     'model.d_ff', 'model.tie_embeddings', 'model.param_dtype', 'optim.name')
+
+
+def _structure(cfg_json: dict) -> dict:
+  values = {f: cfg_json[f.split('.')[0]][f.split('.')[1]] for f in _STRUCTURE_FIELDS}
+  model = cfg_json['model']
+  values['model.head_dim'] = model['head_dim'] or model['d_model'] // model['n_heads']
+  values['optim.grad_clip (on/off)'] = bool(cfg_json['optim']['grad_clip'])
+  return values
+
+
 def _check_saved_model(checkpointer, step: int, cfg) -> None:
-  saved = checkpointer.saved_config(step)['model']
-  current = ckpt_lib.config_to_json(cfg)['model']
-  diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v and k != 'attention_impl'
-          and k != 'remat_policy'}
+  """Refuses, with the fields named, a resume whose state would not fit the checkpoint."""
+  saved = _structure(checkpointer.saved_config(step))
+  current = _structure(ckpt_lib.config_to_json(cfg))
+  diff = {k: (saved[k], v) for k, v in current.items() if saved[k] != v}
   if diff:
-    fields = ', '.join(f'model.{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
-    raise ValueError(f'The checkpoint at step {step} in {checkpointer.directory} was written by a different model '
-                     f'({fields}); use a new --workdir or the checkpoint\'s model config')
+    fields = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
+    raise ValueError(f'The checkpoint at step {step} in {checkpointer.directory} was written with a different '
+                     f'model or optimizer ({fields}); use a new --workdir or the checkpoint\'s settings')
 
 
 def _raise_if_diverged(step: int, metrics: dict, last_saved: int | None, directory: str) -> None:
@@ -54,6 +68,14 @@ def _raise_if_diverged(step: int, metrics: dict, last_saved: int | None, directo
         f'Non-finite training at step {step}: loss={float(metrics["loss"])}, grad_norm='
         f'{float(metrics["grad_norm"])}; stopped without saving it, {kept}. Lower optim.lr or raise '
         'optim.warmup_steps, then rerun the same command to resume from that checkpoint.')
+
+
+def _log_progress(done: int, steps: int, record: dict, eta: float) -> None:
+  speed = (f"  {record['tokens_per_s']:.0f} tok/s  MFU {100 * record['mfu']:.1f}%" if 'tokens_per_s' in record
+           else '')
+  evaluation = f"  eval {record['eval_loss']:.4f}" if 'eval_loss' in record else ''
+  logging.info('step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f%s  ETA %s', done, steps, record['loss'],
+               evaluation, record['lr'], record['grad_norm'], speed, metrics_lib.format_duration(eta))
 
 
 def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dict:
@@ -117,28 +139,31 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
       else:
         window_steps += 1
       is_last = done == steps
-      if done % t.log_every == 0 or is_last:
+      do_log = done % t.log_every == 0 or is_last
+      do_eval = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
+      do_save = checkpointer is not None and (done % cfg.checkpoint.every_steps == 0 or is_last)
+      if do_log or do_eval:
         values = jax.device_get(metrics)
         _raise_if_diverged(done, values, last_saved, workdir)
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
-        tokens_per_s = window_steps * tokens_per_step / elapsed
         record = {k: v for k, v in values.items() if k != 'finite'}
-        record.update(tokens_per_s=tokens_per_s, mfu=trainer.flops_per_token * tokens_per_s / peak,
-                      step_time_s=elapsed / max(window_steps, 1))
-        if t.eval_every and (done % t.eval_every == 0 or is_last):
+        if window_steps:  # steps timed since the last log / eval / save, compilation and those excluded
+          elapsed = time.perf_counter() - window_start
+          tokens_per_s = window_steps * tokens_per_step / elapsed
+          record.update(tokens_per_s=tokens_per_s, mfu=trainer.flops_per_token * tokens_per_s / peak,
+                        step_time_s=elapsed / window_steps)
+        if do_eval:
           record.update(evaluate(trainer, state.params, heldout, cfg))
         writer.write(done, record)
-        eta = (steps - done) * (time.perf_counter() - run_start) / max(done - start - 1, 1)
-        logging.info('step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f  %.0f tok/s  MFU %.1f%%  ETA %s', done,
-                     steps, record['loss'],
-                     f"  eval {record['eval_loss']:.4f}" if 'eval_loss' in record else '', record['lr'],
-                     record['grad_norm'], tokens_per_s, 100 * record['mfu'], metrics_lib.format_duration(eta))
-        window_start, window_steps = time.perf_counter(), 0
-      if checkpointer and (done % cfg.checkpoint.every_steps == 0 or is_last):
+        if do_log and jax.process_index() == 0:
+          _log_progress(done, steps, record, eta=(steps - done) * (time.perf_counter() - run_start) /
+                        max(done - start - 1, 1))
+      if do_save:
         _raise_if_diverged(done, jax.device_get(metrics), last_saved, workdir)
         if checkpointer.save(done, state, {'next_step': done, 'seed': cfg.seed}, ckpt_lib.config_to_json(cfg),
                              force=True):
           last_saved = done
+      if do_log or do_eval or do_save:
+        window_start, window_steps = time.perf_counter(), 0
     if pending is not None:
       _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
   finally:

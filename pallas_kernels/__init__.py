@@ -1,7 +1,9 @@
 """Pallas kernels, each in its own folder with a pure-jnp reference beside it.
 
 Every kernel takes `interpret=None`, which runs the Pallas interpreter on CPU and compiles for GPU (Triton)
-or TPU (Mosaic) elsewhere, so the same tests run everywhere.
+or TPU (Mosaic) elsewhere, so the same tests run everywhere, and `platform=None`, which picks the kernel variant
+('gpu' or 'tpu') from the operands' device. Shared by all kernels: platform.py (that choice, one rule for all),
+validation.py (argument checks) and tiling.py (tile arithmetic).
 """
 from pallas_kernels.flash_attention import flash_attention, FlashBlockSizes
 from pallas_kernels.decode_attention import (

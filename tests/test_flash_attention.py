@@ -78,11 +78,11 @@ def _reference_vjp(ref, q, k, v, do):
 
 
 def _run_and_compare(q, k, v, do, *, causal, segment_ids=None, sm_scale=None,
-                     block_sizes=SMALL_BLOCKS, backend=None):
+                     block_sizes=SMALL_BLOCKS, platform=None):
   """Checks out, dq, dk, dv of the kernel against the f32 reference."""
   kernel = functools.partial(flash_attention, causal=causal,
                              segment_ids=segment_ids, sm_scale=sm_scale,
-                             block_sizes=block_sizes, backend=backend)
+                             block_sizes=block_sizes, platform=platform)
   ref = functools.partial(attention_reference, causal=causal,
                           segment_ids=segment_ids, sm_scale=sm_scale)
   out, vjp = jax.vjp(kernel, q, k, v)
@@ -197,12 +197,12 @@ def test_tpu_variant_in_tpu_interpret_mode():
   blocks = FlashBlockSizes.get_default("tpu")
   with pltpu.force_tpu_interpret_mode():
     _run_and_compare(q, k, v, do, causal=True, segment_ids=ids,
-                     block_sizes=blocks, backend="tpu")
+                     block_sizes=blocks, platform="tpu")
 
 
-@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"),
-                                              ("tpu", "tpu")])
-def test_lowers_for_accelerators(backend, platform):
+@pytest.mark.parametrize("platform,target", [("gpu", "cuda"),
+                                             ("tpu", "tpu")])
+def test_lowers_for_accelerators(platform, target):
   """Forward and backward lower to Triton / Mosaic IR (no device needed)."""
   q = jax.ShapeDtypeStruct((2, 300, 4, 80), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((2, 300, 2, 80), jnp.bfloat16)
@@ -210,18 +210,18 @@ def test_lowers_for_accelerators(backend, platform):
 
   def fwd_bwd(q, k, v, ids):
     fn = functools.partial(flash_attention, causal=True, segment_ids=ids,
-                           backend=backend, interpret=False)
+                           platform=platform, interpret=False)
     out, vjp = jax.vjp(fn, q, k, v)
     return out, vjp(out)
 
   checks = [jax.export.DisabledSafetyCheck.custom_call(name)
             for name in ("__gpu$xla.gpu.triton", "triton_kernel_call")]
-  exported = jax.export.export(jax.jit(fwd_bwd), platforms=[platform],
+  exported = jax.export.export(jax.jit(fwd_bwd), platforms=[target],
                                disabled_checks=checks)(q, kv, kv, ids)
   module = exported.mlir_module()
-  target = "__gpu$xla.gpu.triton" if backend == "gpu" else "tpu_custom_call"
-  assert target in module
-  suffix = "" if backend == "gpu" else "_tpu"
+  call = "__gpu$xla.gpu.triton" if platform == "gpu" else "tpu_custom_call"
+  assert call in module
+  suffix = "" if platform == "gpu" else "_tpu"
   for name in ("fwd", "bwd_dkv", "bwd_dq"):
     assert f"flash_attention_{name}{suffix}" in module
 
@@ -235,14 +235,14 @@ def _bad_call(**overrides):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(q=jnp.zeros((16, 2, 32))), r"^q must have rank 4"),
+    (dict(q=jnp.zeros((16, 2, 32))), r"^q must be 4-D"),
     (dict(k=jnp.zeros((2, 16, 1, 32)), v=jnp.zeros((2, 16, 1, 32))),
      r"k/v batch"),
     (dict(k=jnp.zeros((1, 16, 1, 16)), v=jnp.zeros((1, 16, 1, 16))),
      r"head_dim"),
     (dict(q=jnp.zeros((1, 16, 3, 32)), k=jnp.zeros((1, 16, 2, 32)),
           v=jnp.zeros((1, 16, 2, 32))), r"q heads \(3\).*k/v heads \(2\)"),
-    (dict(q=jnp.zeros((1, 16, 2, 32), jnp.int32)), r"q.dtype"),
+    (dict(q=jnp.zeros((1, 16, 2, 32), jnp.int32)), r"q must be a float32"),
     (dict(k=jnp.zeros((1, 16, 1, 32), jnp.bfloat16),
           v=jnp.zeros((1, 16, 1, 32), jnp.bfloat16)), r"cast k and v"),
     (dict(v=jnp.zeros((1, 17, 1, 32))), r"k and v must have the same shape"),
@@ -258,9 +258,9 @@ def _bad_call(**overrides):
     (dict(sm_scale=math.inf), r"sm_scale"),
     (dict(block_sizes={"block_q": 16}), r"block_sizes"),
     (dict(block_sizes=FlashBlockSizes(block_q=24)), r"block_q=24"),
-    (dict(block_sizes=FlashBlockSizes(block_kv=64), backend="tpu"),
+    (dict(block_sizes=FlashBlockSizes(block_kv=64), platform="tpu"),
      r"block_kv=64: TPU blocks must be multiples of 128"),
-    (dict(backend="cuda"), r"backend"),
+    (dict(platform="cuda"), r"platform"),
     (dict(interpret="yes"), r"interpret"),
 ])
 def test_bad_inputs_raise_value_error(overrides, match):
@@ -282,8 +282,8 @@ def test_block_sizes_validated(kwargs, match):
 def test_default_block_sizes():
   gpu, tpu = FlashBlockSizes.get_default("gpu"), FlashBlockSizes.get_default(
       "tpu")
-  gpu.check_for_backend("gpu")
-  tpu.check_for_backend("tpu")
+  gpu.check_for_platform("gpu")
+  tpu.check_for_platform("tpu")
   assert all(b % 128 == 0 for b in tpu.q_blocks + tpu.kv_blocks)
-  with pytest.raises(ValueError, match="backend"):
+  with pytest.raises(ValueError, match="platform"):
     FlashBlockSizes.get_default("cuda")

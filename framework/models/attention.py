@@ -15,16 +15,16 @@ ACT_NAMES = ('batch', 'seq', 'heads', 'head_dim')
 KV_NAMES = ('batch', 'seq', 'kv_heads', 'head_dim')
 
 
-def resolve_impl(impl: str, dtype=jnp.bfloat16, backend: str | None = None) -> str:
-  """The implementation 'auto' stands for: cuDNN on GPU for 16-bit inputs (its fused kernel has no f32 path),
-  Pallas on TPU, XLA elsewhere."""
+def resolve_impl(impl: str, dtype=jnp.bfloat16, head_dim: int = 128, backend: str | None = None) -> str:
+  """The implementation 'auto' stands for: cuDNN on GPU where its fused kernel applies (16-bit inputs, head dim
+  a multiple of 8 up to 128), Pallas on TPU, XLA elsewhere."""
   if impl not in config_lib.ATTENTION_IMPLS:
     raise ValueError(f'attention_impl {impl!r} is not one of {config_lib.ATTENTION_IMPLS}')
   if impl != 'auto':
     return impl
   backend = backend or jax.default_backend()
   if backend == 'gpu':
-    return 'cudnn' if jnp.dtype(dtype).itemsize == 2 else 'xla'
+    return 'cudnn' if config_lib.cudnn_supports(jnp.dtype(dtype).name, head_dim) else 'xla'
   return 'pallas' if backend == 'tpu' else 'xla'
 
 
@@ -60,8 +60,9 @@ def _pallas_attention(q, k, v, *, segment_ids, causal, sharder):
   if sharder is None or sharder.mesh is None:
     return kernel(q, k, v, segment_ids=segment_ids)
   # A pallas_call is opaque to GSPMD: run it per shard over the batch and head axes.
-  q_spec, kv_spec = sharder.spec(ACT_NAMES), sharder.spec(KV_NAMES)
-  seg_spec = sharder.spec(('batch', 'seq'))
+  # Each shard must see whole sequences and whole heads: only batch and head sharding pass through.
+  q_spec, kv_spec = sharder.spec(('batch', None, 'heads', None)), sharder.spec(('batch', None, 'kv_heads', None))
+  seg_spec = sharder.spec(('batch', None))
   if segment_ids is None:
     fn = jax.shard_map(lambda q_, k_, v_: kernel(q_, k_, v_), mesh=sharder.mesh,
                        in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)
@@ -76,7 +77,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = 'xla', causal: bool = Tr
 
   segment_ids [batch, seq] keeps packed documents apart: a token sees only keys of its own segment.
   """
-  impl = resolve_impl(impl, q.dtype)
+  impl = resolve_impl(impl, q.dtype, q.shape[-1])
   if impl == 'xla':
     return xla_attention(q, k, v, segment_ids=segment_ids, causal=causal)
   if impl == 'cudnn':

@@ -1,15 +1,9 @@
-"""Block sizes for the decode kernels and the choice of Pallas lowering."""
+"""Block sizes for the decode kernels."""
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-
-_PLATFORMS = ("gpu", "tpu")
-
-
-def _is_power_of_two(n: int) -> bool:
-  return n > 0 and (n & (n - 1)) == 0
+from pallas_kernels import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,51 +32,11 @@ class DecodeBlockSizes:
 
   def __post_init__(self):
     for name in ("block_kv", "block_rows"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or not _is_power_of_two(value) or value < 8:
-        raise ValueError(
-            f"DecodeBlockSizes.{name} must be a power of two >= 8, got "
-            f"{value!r}; e.g. 16, 64 or 128.")
-    if self.num_splits is not None and (
-        not isinstance(self.num_splits, int) or self.num_splits < 1):
-      raise ValueError(
-          "DecodeBlockSizes.num_splits must be None (auto) or an int >= 1, "
-          f"got {self.num_splits!r}.")
-    if not isinstance(self.num_warps, int) or not _is_power_of_two(
-        self.num_warps) or self.num_warps > 32:
-      raise ValueError(
-          f"DecodeBlockSizes.num_warps must be a power of two in [1, 32], got "
-          f"{self.num_warps!r}.")
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(
-          f"DecodeBlockSizes.num_stages must be an int >= 1, got "
-          f"{self.num_stages!r}.")
-
-
-def resolve_platform(interpret: bool | None, platform: str | None
-                     ) -> tuple[bool, str]:
-  """Fills in `interpret` and `platform` from the default backend.
-
-  On CPU there is no compiler for Pallas, so None means the interpreter; the
-  GPU body is the default there because its masked loads exercise every edge
-  case. `platform='tpu'` with interpret=True runs the Mosaic-shaped variant in
-  the generic interpreter.
-
-  Args:
-    interpret: None, True or False.
-    platform: None, 'gpu' (Triton lowering) or 'tpu' (Mosaic lowering).
-
-  Returns:
-    (interpret, platform) with no None left.
-  """
-  if interpret is not None and not isinstance(interpret, bool):
-    raise ValueError(f"interpret must be None or a bool, got {interpret!r}.")
-  if platform is not None and platform not in _PLATFORMS:
-    raise ValueError(
-        f"platform must be None, 'gpu' or 'tpu', got {platform!r}.")
-  backend = jax.default_backend()
-  if interpret is None:
-    interpret = backend not in ("gpu", "cuda", "rocm", "tpu")
-  if platform is None:
-    platform = "tpu" if backend == "tpu" else "gpu"
-  return interpret, platform
+      validation.check_power_of_two(
+          f"DecodeBlockSizes.{name}", getattr(self, name), minimum=8,
+          example="16, 64 or 128")
+    validation.check_int("DecodeBlockSizes.num_splits", self.num_splits,
+                         allow_none=True)
+    validation.check_power_of_two("DecodeBlockSizes.num_warps",
+                                  self.num_warps, maximum=32)
+    validation.check_int("DecodeBlockSizes.num_stages", self.num_stages)

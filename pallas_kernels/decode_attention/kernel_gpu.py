@@ -1,12 +1,10 @@
 """GPU (Triton) variant: split-K flash-decoding with masked loads.
 
-Layout shared with kernel_tpu: queries [NB, KVH, R, D] (R rows per kv head),
-keys/values [NB, L, KVH, D], kv_lens [NB]. NB is the batch for decode and 1
-for a shared prefix. Grid (NB, KVH, row blocks, key splits): each program
-walks its slice of the keys in `block_kv` steps and stops at kv_len, so work
-and HBM reads past a sequence's length are skipped. The per-split partial
-(out, lse) pairs are merged outside the kernel with the same exact merge as
-`combine_attention`.
+Operands come in the layout shared with kernel_tpu (layout.py). Grid (NB,
+KVH, row blocks, key splits): each program walks its slice of the keys in
+`block_kv` steps and stops at kv_len, so work and HBM reads past a sequence's
+length are skipped. The per-split partial (out, lse) pairs are merged
+outside the kernel with the same exact merge as `combine_attention`.
 
 Triton has no bounds checks and wants power-of-two tiles >= 16, so tiles are
 rounded up and every key/value load is masked against kv_len (other=0): the
@@ -22,28 +20,15 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-try:
-  from jax.experimental.pallas import triton as plgpu
-except ImportError:  # A jax without the (deprecated) Pallas Triton backend.
-  plgpu = None
-
+from pallas_kernels import tiling
+from pallas_kernels.decode_attention import layout
 from pallas_kernels.decode_attention import online_softmax
 from pallas_kernels.decode_attention.block_sizes import DecodeBlockSizes
 from pallas_kernels.decode_attention.combine import merge_stacked
+from pallas_kernels.platform import plgpu
+from pallas_kernels.platform import require_triton
 
-_MIN_TILE = 16          # smallest Triton dot operand dim
 _TARGET_PROGRAMS = 256  # about two waves on a 132-SM H100
-
-
-def _require_triton():
-  if plgpu is None:
-    raise NotImplementedError(
-        "This jax has no Pallas Triton backend (jax.experimental.pallas."
-        "triton); pass platform='tpu' to use the Mosaic variant.")
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, sm_scale: float,
@@ -99,22 +84,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_lens: jax.Array, *,
   Returns:
     out f32 [NB, KVH, R, D] and lse f32 [NB, KVH, R].
   """
-  _require_triton()
+  require_triton()
   nb, kvh, r, d = q.shape
   length = k.shape[1]
-  dp = max(_MIN_TILE, _next_pow2(d))
-  block_kv = max(_MIN_TILE, block_sizes.block_kv)
-  block_rows = max(_MIN_TILE, min(block_sizes.block_rows, _next_pow2(r)))
-  rp = pl.cdiv(r, block_rows) * block_rows
-  if dp != d:
-    # Non-power-of-two head dims are zero-padded: zeros change no score.
-    pad = [(0, 0)] * 3 + [(0, dp - d)]
-    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-  if rp != r:
-    q = jnp.pad(q, [(0, 0), (0, 0), (0, rp - r), (0, 0)])
-  # Free reshape: the kv head becomes a column block of width dp.
-  k = k.reshape(nb, length, kvh * dp)
-  v = v.reshape(nb, length, kvh * dp)
+  min_tile = tiling.TRITON_MIN_TILE
+  dp = max(min_tile, tiling.next_pow2(d))
+  block_kv = max(min_tile, block_sizes.block_kv)
+  block_rows = max(min_tile, min(block_sizes.block_rows, tiling.next_pow2(r)))
+  rp = tiling.round_up(r, block_rows)
+  q, k, v = layout.pad_and_flatten(q, k, v, head_dim=dp, rows=rp)
 
   num_blocks = pl.cdiv(length, block_kv)
   splits = block_sizes.num_splits

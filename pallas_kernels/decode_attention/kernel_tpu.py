@@ -1,6 +1,7 @@
 """TPU (Mosaic) variant: keys walked sequentially on the innermost grid axis.
 
-Same layout and maths as kernel_gpu. Differences that follow Mosaic's rules:
+Same layout (layout.py) and maths (online_softmax.py) as kernel_gpu.
+Differences that follow Mosaic's rules:
 - kv_lens is scalar-prefetched into SMEM so the key index map can clamp the
   block index to the last block holding valid keys. Steps past a sequence's
   length then ask for the block already in VMEM, so the pipeline issues no
@@ -25,19 +26,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from pallas_kernels import tiling
+from pallas_kernels.decode_attention import layout
 from pallas_kernels.decode_attention import online_softmax
 from pallas_kernels.decode_attention.block_sizes import DecodeBlockSizes
-
-_LANES = 128
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _sublanes(dtype) -> int:
-  # Native second-minor tiling: 8 rows of 32-bit, 16 of 16-bit, 32 of 8-bit.
-  return 8 * (4 // jnp.dtype(dtype).itemsize)
 
 
 def _kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_ref, l_ref,
@@ -83,20 +75,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, kv_lens: jax.Array, *,
   """Same contract as kernel_gpu.attend (see there)."""
   nb, kvh, r, d = q.shape
   length = k.shape[1]
-  sub = max(_sublanes(q.dtype), _sublanes(k.dtype))
-  dp = d if (kvh == 1 or d % _LANES == 0) else _round_up(d, _LANES)
-  block_kv = _round_up(block_sizes.block_kv, sub)
+  sub = max(tiling.sublanes(q.dtype), tiling.sublanes(k.dtype))
+  lanes = tiling.LANES
+  dp = d if (kvh == 1 or d % lanes == 0) else tiling.round_up(d, lanes)
+  block_kv = tiling.round_up(block_sizes.block_kv, sub)
   if length <= block_kv:
     block_kv = length  # a full-dim block is always a legal Mosaic tile
-  block_rows = min(_round_up(block_sizes.block_rows, sub), _round_up(r, sub))
-  rp = _round_up(r, block_rows)
-  if dp != d:
-    pad = [(0, 0)] * 3 + [(0, dp - d)]
-    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-  if rp != r:
-    q = jnp.pad(q, [(0, 0), (0, 0), (0, rp - r), (0, 0)])
-  k = k.reshape(nb, length, kvh * dp)
-  v = v.reshape(nb, length, kvh * dp)
+  block_rows = min(tiling.round_up(block_sizes.block_rows, sub),
+                   tiling.round_up(r, sub))
+  rp = tiling.round_up(r, block_rows)
+  q, k, v = layout.pad_and_flatten(q, k, v, head_dim=dp, rows=rp)
   num_blocks = pl.cdiv(length, block_kv)
 
   def kv_map(b, h, i, j, len_ref):

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.decode_attention import kernel_gpu
 from pallas_kernels.decode_attention import kernel_tpu
 from pallas_kernels.decode_attention import validation
 from pallas_kernels.decode_attention.block_sizes import DecodeBlockSizes
-from pallas_kernels.decode_attention.block_sizes import resolve_platform
 
 _ATTEND = {"gpu": kernel_gpu.attend, "tpu": kernel_tpu.attend}
 
@@ -40,7 +41,7 @@ def _decode(q, k_cache, v_cache, lengths, *, sm_scale, block_sizes, interpret,
 def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      lengths: jax.Array, *, sm_scale: float | None = None,
                      block_sizes: DecodeBlockSizes | None = None,
-                     interpret: bool | None = None,
+                     interpret: Any = None,
                      platform: str | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """Attention of a few new tokens per sequence over its KV cache.
@@ -62,9 +63,11 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
       clamped to [0, max_len].
     sm_scale: softmax scale; default 1 / sqrt(head_dim).
     block_sizes: tiling; default DecodeBlockSizes().
-    interpret: None = interpreter on CPU, compiled on GPU (Triton) / TPU.
-    platform: None = the default backend's lowering; 'gpu' or 'tpu' picks the
-      Triton- or Mosaic-shaped variant (e.g. to test it in the interpreter).
+    interpret: None = interpreter on CPU, compiled on GPU (Triton) / TPU;
+      True/False force it; a pallas InterpretParams picks that interpreter.
+    platform: None = the variant for the operands' device ('tpu' on TPU, else
+      'gpu'); 'gpu' or 'tpu' picks the Triton- or Mosaic-shaped variant (e.g.
+      to test it in the interpreter).
 
   Returns:
     (out [batch, T, heads, head_dim] in q's dtype, lse f32 [batch, T, heads]:
@@ -75,7 +78,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   """
   validation.check_decode(q, k_cache, v_cache, lengths)
   validation.check_common(sm_scale, block_sizes)
-  interpret, platform = resolve_platform(interpret, platform)
+  interpret, platform = platform_lib.resolve(interpret, platform, q, k_cache)
   sm_scale = float(1.0 / math.sqrt(q.shape[-1]) if sm_scale is None
                    else sm_scale)
   return _decode(q, k_cache, v_cache, lengths, sm_scale=sm_scale,
@@ -108,7 +111,7 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
                             prefix_v: jax.Array, *,
                             sm_scale: float | None = None,
                             block_sizes: DecodeBlockSizes | None = None,
-                            interpret: bool | None = None,
+                            interpret: Any = None,
                             platform: str | None = None
                             ) -> tuple[jax.Array, jax.Array]:
   """Hydragen prefix part: every query of the batch over one shared prefix.
@@ -138,7 +141,7 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
   """
   validation.check_prefix(q, prefix_k, prefix_v)
   validation.check_common(sm_scale, block_sizes)
-  interpret, platform = resolve_platform(interpret, platform)
+  interpret, platform = platform_lib.resolve(interpret, platform, q, prefix_k)
   if prefix_k.shape[0] == 0:
     return (jnp.zeros_like(q),
             jnp.full(q.shape[:3], -jnp.inf, jnp.float32))

@@ -1,55 +1,48 @@
 """Up-front argument checks: each bad input is one ValueError naming the fix."""
 from __future__ import annotations
 
-import jax.numpy as jnp
-
+from pallas_kernels import validation
 from pallas_kernels.decode_attention.block_sizes import DecodeBlockSizes
 
 
-def _check_float(name: str, x) -> None:
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name} must be a floating array, got dtype {x.dtype}.")
-
-
-def _check_heads(q_heads: int, kv_heads: int, kv_name: str) -> None:
-  if kv_heads < 1 or q_heads % kv_heads:
-    raise ValueError(
-        f"q heads ({q_heads}) must be a multiple of {kv_name} kv_heads "
-        f"({kv_heads}) for GQA/MQA; use kv_heads that divide the query heads.")
-
-
 def check_common(sm_scale, block_sizes) -> None:
-  if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+  validation.check_sm_scale(sm_scale)
+  validation.check_block_sizes(block_sizes, DecodeBlockSizes)
+
+
+def _check_attention_arrays(q, k, v, *, k_name: str, v_name: str,
+                            kv_rank: int, kv_layout: str, kv_hint: str = "",
+                            cast_to: str) -> None:
+  """Checks that decode and prefix attention share.
+
+  q is [batch, T, heads, head_dim]; k and v have kv_rank dims, the kv heads
+  and head_dim last.
+  """
+  validation.check_rank("q", q, 4, "[batch, T, heads, head_dim]")
+  for name, x in ((k_name, k), (v_name, v)):
+    validation.check_rank(name, x, kv_rank, kv_layout, kv_hint)
+  validation.check_same_shape(k_name, k, v_name, v)
+  if k.shape[-1] != q.shape[3]:
     raise ValueError(
-        f"sm_scale must be None or a Python float, got {type(sm_scale)}.")
-  if block_sizes is not None and not isinstance(block_sizes, DecodeBlockSizes):
-    raise ValueError(
-        "block_sizes must be None or DecodeBlockSizes, got "
-        f"{type(block_sizes)}.")
+        f"{k_name} head_dim ({k.shape[-1]}) must equal q head_dim "
+        f"({q.shape[3]}).")
+  validation.check_gqa_heads(q.shape[2], k.shape[-2], f"{k_name} kv_heads")
+  for name, x in (("q", q), (k_name, k), (v_name, v)):
+    validation.check_float(name, x)
+  validation.check_same_dtype({"q": q, k_name: k, v_name: v},
+                              fix=f"cast q to the {cast_to} dtype")
 
 
 def check_decode(q, k_cache, v_cache, lengths) -> None:
   """Validates decode_attention's arrays (shapes and dtypes only)."""
-  if q.ndim != 4:
-    raise ValueError(
-        f"q must be [batch, T, heads, head_dim], got shape {q.shape}.")
-  for name, x in (("k_cache", k_cache), ("v_cache", v_cache)):
-    if x.ndim != 4:
-      raise ValueError(
-          f"{name} must be [batch, max_len, kv_heads, head_dim], got shape "
-          f"{x.shape}.")
-  if k_cache.shape != v_cache.shape:
-    raise ValueError(
-        f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must have the "
-        "same shape.")
+  _check_attention_arrays(q, k_cache, v_cache, k_name="k_cache",
+                          v_name="v_cache", kv_rank=4,
+                          kv_layout="[batch, max_len, kv_heads, head_dim]",
+                          cast_to="cache")
   batch, t, heads, head_dim = q.shape
   if k_cache.shape[0] != batch:
     raise ValueError(
         f"k_cache batch ({k_cache.shape[0]}) must equal q batch ({batch}).")
-  if k_cache.shape[3] != head_dim:
-    raise ValueError(
-        f"k_cache head_dim ({k_cache.shape[3]}) must equal q head_dim "
-        f"({head_dim}).")
   if t < 1 or heads < 1 or head_dim < 1:
     raise ValueError(f"q dims must be >= 1, got shape {q.shape}.")
   if t > k_cache.shape[1]:
@@ -57,47 +50,18 @@ def check_decode(q, k_cache, v_cache, lengths) -> None:
         f"q has T={t} new tokens but the cache holds max_len="
         f"{k_cache.shape[1]} positions; the new tokens must fit in the cache "
         "(T <= max_len).")
-  _check_heads(heads, k_cache.shape[2], "k_cache")
-  for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-    _check_float(name, x)
-  if not (q.dtype == k_cache.dtype == v_cache.dtype):
-    raise ValueError(
-        f"q ({q.dtype}), k_cache ({k_cache.dtype}) and v_cache "
-        f"({v_cache.dtype}) must share a dtype; cast q to the cache dtype.")
-  if getattr(lengths, "ndim", None) != 1 or lengths.shape[0] != batch:
-    raise ValueError(
-        f"lengths must be an int32 array of shape [batch]=({batch},), got "
-        f"{getattr(lengths, 'shape', type(lengths))}.")
-  if not jnp.issubdtype(lengths.dtype, jnp.integer):
-    raise ValueError(
-        f"lengths must be int32 (valid cache entries per sequence), got dtype "
-        f"{lengths.dtype}.")
+  validation.check_int_vector("lengths", lengths,
+                              f"of shape [batch]=({batch},)",
+                              "valid cache entries per sequence", size=batch)
 
 
 def check_prefix(q, prefix_k, prefix_v) -> None:
   """Validates shared_prefix_attention's arrays."""
-  if q.ndim != 4:
-    raise ValueError(
-        f"q must be [batch, T, heads, head_dim], got shape {q.shape}.")
-  for name, x in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-    if x.ndim != 3:
-      raise ValueError(
-          f"{name} must be [prefix_len, kv_heads, head_dim] (one prefix shared "
-          f"by the batch, no batch dim), got shape {x.shape}.")
-  if prefix_k.shape != prefix_v.shape:
-    raise ValueError(
-        f"prefix_k {prefix_k.shape} and prefix_v {prefix_v.shape} must have "
-        "the same shape.")
-  if prefix_k.shape[2] != q.shape[3]:
-    raise ValueError(
-        f"prefix_k head_dim ({prefix_k.shape[2]}) must equal q head_dim "
-        f"({q.shape[3]}).")
+  _check_attention_arrays(q, prefix_k, prefix_v, k_name="prefix_k",
+                          v_name="prefix_v", kv_rank=3,
+                          kv_layout="[prefix_len, kv_heads, head_dim]",
+                          kv_hint=" (one prefix shared by the batch, no "
+                          "batch dim)",
+                          cast_to="prefix")
   if min(q.shape) < 1:
     raise ValueError(f"q dims must be >= 1, got shape {q.shape}.")
-  _check_heads(q.shape[2], prefix_k.shape[1], "prefix_k")
-  for name, x in (("q", q), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-    _check_float(name, x)
-  if not (q.dtype == prefix_k.dtype == prefix_v.dtype):
-    raise ValueError(
-        f"q ({q.dtype}), prefix_k ({prefix_k.dtype}) and prefix_v "
-        f"({prefix_v.dtype}) must share a dtype; cast q to the prefix dtype.")

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import platform as platform_lib
+from pallas_kernels import tiling
 from pallas_kernels.flash_attention import backward as gpu_backward
 from pallas_kernels.flash_attention import forward as gpu_forward
 from pallas_kernels.flash_attention import kernel_math as km
 from pallas_kernels.flash_attention import tpu_backward
 from pallas_kernels.flash_attention import tpu_forward
 from pallas_kernels.flash_attention.block_sizes import FlashBlockSizes
-from pallas_kernels.flash_attention.block_sizes import GPU_MIN_BLOCK
-from pallas_kernels.flash_attention.block_sizes import TPU_BLOCK_MULTIPLE
 from pallas_kernels.flash_attention.validation import validate_inputs
 
 SegmentIds = jax.Array | tuple[jax.Array, jax.Array]
@@ -33,7 +33,7 @@ class _Config:
   """Static (hashable) settings of one call; the custom_vjp's nondiff arg."""
   causal: bool
   sm_scale: float
-  backend: str  # kernel variant: 'gpu' (Triton, CPU interpreter) or 'tpu'
+  platform: str  # kernel variant: 'gpu' (Triton, CPU interpreter) or 'tpu'
   interpret: Any
   blocks: FlashBlockSizes
 
@@ -44,7 +44,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                     sm_scale: float | None = None,
                     block_sizes: FlashBlockSizes | None = None,
                     interpret: Any = None,
-                    backend: str | None = None) -> jax.Array:
+                    platform: str | None = None) -> jax.Array:
   """Memory-efficient exact attention as Pallas kernels, differentiable.
 
   A pallas_call has no SPMD partitioning rule, so under a sharded jit call
@@ -64,11 +64,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       pair (q_ids [batch, q_len], kv_ids [batch, kv_len]) is also accepted.
       Not differentiated.
     sm_scale: logit scale, default 1/sqrt(head_dim); a Python number.
-    block_sizes: tile sizes; None picks FlashBlockSizes.get_default(backend).
+    block_sizes: tile sizes; None picks FlashBlockSizes.get_default(platform).
     interpret: None interprets on CPU and compiles elsewhere; True/False
       force it; a pallas TPU InterpretParams selects the TPU interpreter.
-    backend: kernel variant, 'gpu' (Triton, also used by the CPU
-      interpreter) or 'tpu' (Mosaic); None picks by platform.
+    platform: kernel variant, 'gpu' (Triton, also used by the CPU
+      interpreter) or 'tpu' (Mosaic); None picks by q's device ('tpu' on
+      TPU, else 'gpu').
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype. Query rows that see no key
@@ -79,62 +80,39 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """
   q_seg, kv_seg = validate_inputs(q, k, v, causal=causal,
                                   segment_ids=segment_ids, sm_scale=sm_scale,
-                                  block_sizes=block_sizes, backend=backend,
-                                  interpret=interpret)
-  platform = _platform(q)
-  if backend is None:
-    backend = "tpu" if platform == "tpu" else "gpu"
-  if interpret is None:
-    interpret = platform == "cpu"
-  elif isinstance(interpret, np.bool_):
-    interpret = bool(interpret)
+                                  block_sizes=block_sizes)
+  interpret, platform = platform_lib.resolve(interpret, platform, q)
   if block_sizes is None:
-    block_sizes = FlashBlockSizes.get_default(backend)
-  block_sizes.check_for_backend(backend)
+    block_sizes = FlashBlockSizes.get_default(platform)
+  block_sizes.check_for_platform(platform)
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(q.shape[-1])
   cfg = _Config(causal=bool(causal), sm_scale=float(sm_scale),
-                backend=backend, interpret=interpret, blocks=block_sizes)
+                platform=platform, interpret=interpret, blocks=block_sizes)
   return _flash_jit(q, k, v, q_seg, kv_seg, cfg)
-
-
-def _platform(x) -> str:
-  """Platform of a concrete array; the default backend for tracers."""
-  try:
-    devices = x.devices()
-  except Exception:  # Tracers and numpy arrays have no committed device.
-    return jax.default_backend()
-  return next(iter(devices)).platform
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
 
 
 def _plan(q_shape, k_shape, segments: bool, cfg: _Config):
   """Effective block sizes and padded shapes for one call."""
   batch, q_len, heads, head_dim = q_shape
   kv_len, kv_heads = k_shape[1], k_shape[2]
-  if cfg.backend == "tpu":
+  if cfg.platform == "tpu":
     # Mosaic tiles are lane-dense: head_dim and kv blocks in whole 128s.
-    fit = lambda blk, n: min(blk, _round_up(n, TPU_BLOCK_MULTIPLE))
-    dp = _round_up(head_dim, TPU_BLOCK_MULTIPLE)
+    fit = lambda blk, n: min(blk, tiling.round_up(n, tiling.LANES))
+    dp = tiling.round_up(head_dim, tiling.LANES)
   else:
     # Triton shapes are powers of two >= 16; the clamp keeps a short
     # sequence from being padded up to a large default block.
-    fit = lambda blk, n: min(blk, max(GPU_MIN_BLOCK, _next_pow2(n)))
-    dp = max(GPU_MIN_BLOCK, _next_pow2(head_dim))
+    min_tile = tiling.TRITON_MIN_TILE
+    fit = lambda blk, n: min(blk, max(min_tile, tiling.next_pow2(n)))
+    dp = max(min_tile, tiling.next_pow2(head_dim))
   b = cfg.blocks
   qb = [fit(x, q_len) for x in b.q_blocks]
   kb = [fit(x, kv_len) for x in b.kv_blocks]
   blocks = dict(block_q=qb[0], block_kv=kb[0], block_q_dkv=qb[1],
                 block_kv_dkv=kb[1], block_q_dq=qb[2], block_kv_dq=kb[2])
-  q_len_p = _round_up(q_len, math.lcm(*qb))
-  kv_len_p = _round_up(kv_len, math.lcm(*kb))
+  q_len_p = tiling.round_up(q_len, math.lcm(*qb))
+  kv_len_p = tiling.round_up(kv_len, math.lcm(*kb))
   info = km.MaskInfo(causal=cfg.causal, q_len=q_len, kv_len=kv_len,
                      kv_padded=kv_len_p > kv_len, segments=segments)
   prob = km.Problem(info=info, batch=batch, heads=heads, kv_heads=kv_heads,
@@ -173,7 +151,7 @@ def _forward(q, k, v, q_seg, kv_seg, cfg: _Config):
           _pad_flat(v, prob.kv_len_padded, prob.head_dim),
           _pad_seg(q_seg, prob.q_len_padded),
           _pad_seg(kv_seg, prob.kv_len_padded))
-  if cfg.backend == "tpu":
+  if cfg.platform == "tpu":
     out, lse = tpu_forward.forward(
         *args, prob=prob, block_q=blocks["block_q"],
         block_kv=blocks["block_kv"], interpret=cfg.interpret)
@@ -203,7 +181,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, cfg: _Config):
           _pad_seg(kv_seg, prob.kv_len_padded))
   bwd_blocks = {name: blocks[name] for name in
                 ("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")}
-  if cfg.backend == "tpu":
+  if cfg.platform == "tpu":
     dq, dk, dv = tpu_backward.backward(*args, prob=prob, **bwd_blocks,
                                        interpret=cfg.interpret)
   else:

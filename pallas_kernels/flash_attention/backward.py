@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import kernel_math as km
 from pallas_kernels.flash_attention.forward import block_order
+from pallas_kernels.flash_attention.forward import fold_kv_blocks
 from pallas_kernels.flash_attention.forward import gpu_compiler_params
 
 
@@ -85,30 +86,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,
   lse = lse_ref[...][:, None]
   delta = delta_ref[...][:, None]
   q_seg = q_seg_ref[...][:, None] if info.segments else None
-  n_full, n_any = km.kv_block_range(info, qi, block_q, block_kv)
+  kv_range = km.kv_block_range(info, qi, block_q, block_kv)
 
-  def make_step(masked: bool):
-    def step(j, dq):
-      start = pl.multiple_of(j * block_kv, block_kv)
-      k = k_ref[pl.ds(start, block_kv), :]
-      v = v_ref[pl.ds(start, block_kv), :]
-      mask = None
-      if masked:
-        kv_seg = (kv_seg_ref[pl.ds(start, block_kv)][None, :]
-                  if info.segments else None)
-        mask = km.block_mask(info, q0, start, (block_q, block_kv), q_seg,
-                             kv_seg)
-      p = km.probabilities(km.logits(q, k, prob.scale_log2, mask), lse)
-      ds = km.score_grad(p, do, v, delta)
-      return dq + km.dot_nn(ds.astype(k.dtype), k)
-    return step
+  def accumulate(dq, k, v, mask):
+    p = km.probabilities(km.logits(q, k, prob.scale_log2, mask), lse)
+    ds = km.score_grad(p, do, v, delta)
+    return dq + km.dot_nn(ds.astype(k.dtype), k)
 
-  dq = jnp.zeros((block_q, prob.head_dim), jnp.float32)
-  if not info.segments:
-    end = n_any if not info.needs_mask else n_full
-    dq = lax.fori_loop(0, end, make_step(False), dq)
-  if info.needs_mask:
-    dq = lax.fori_loop(n_full, n_any, make_step(True), dq)
+  zeros = jnp.zeros((block_q, prob.head_dim), jnp.float32)
+  dq = fold_kv_blocks(accumulate, zeros, k_ref, v_ref, kv_seg_ref, info=info,
+                      q0=q0, q_seg=q_seg, kv_range=kv_range, block_q=block_q,
+                      block_kv=block_kv)
   dq_ref[...] = (dq * prob.sm_scale).astype(dq_ref.dtype)
 
 

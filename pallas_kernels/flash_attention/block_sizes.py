@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# Triton's tensor cores need every dot dimension >= 16 and every tensor shape
-# a power of two; the CPU interpreter runs the same kernel, so it obeys the
-# same rule and a test on CPU covers the shapes the GPU will see.
-GPU_MIN_BLOCK = 16
-# Mosaic tiles vregs as (8 sublanes, 128 lanes); the kv block is the lane axis
-# of the logits tile, so TPU blocks are whole multiples of 128.
-TPU_BLOCK_MULTIPLE = 128
+from pallas_kernels import validation
+from pallas_kernels.tiling import LANES
+from pallas_kernels.tiling import TRITON_MIN_TILE
+
+_TRITON_KNOBS = ("num_warps", "num_stages")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +40,9 @@ class FlashBlockSizes:
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if field.name in ("num_warps", "num_stages"):
-        if value is not None and (not _is_int(value) or value < 1):
-          raise ValueError(
-              f"FlashBlockSizes.{field.name} must be a positive int or None, "
-              f"got {value!r}.")
-        continue
-      if not _is_int(value) or value < 1:
-        raise ValueError(
-            f"FlashBlockSizes.{field.name} must be a positive int, got "
-            f"{value!r}.")
+      validation.check_int(f"FlashBlockSizes.{field.name}",
+                           getattr(self, field.name),
+                           allow_none=field.name in _TRITON_KNOBS)
 
   @property
   def q_blocks(self) -> tuple[int, int, int]:
@@ -63,39 +53,36 @@ class FlashBlockSizes:
     return (self.block_kv, self.block_kv_dkv, self.block_kv_dq)
 
   @classmethod
-  def get_default(cls, backend: str = "gpu") -> FlashBlockSizes:
+  def get_default(cls, platform: str = "gpu") -> FlashBlockSizes:
     """Defaults for a kernel variant ('gpu' also serves the CPU interpreter).
 
     GPU: 128x64 forward tiles as in FlashAttention-2 on A100/H100; 64x64
     backward tiles keep the two f32 accumulators of dK/dV in registers for
     head_dim 128. TPU: 128 everywhere, the smallest lane-dense tile.
     """
-    if backend == "tpu":
-      b = TPU_BLOCK_MULTIPLE
-      return cls(b, b, b, b, b, b)
-    if backend == "gpu":
+    if platform == "tpu":
+      return cls(LANES, LANES, LANES, LANES, LANES, LANES)
+    if platform == "gpu":
       return cls()
-    raise ValueError(f"backend must be 'gpu' or 'tpu', got {backend!r}.")
+    raise ValueError(f"platform must be 'gpu' or 'tpu', got {platform!r}.")
 
-  def check_for_backend(self, backend: str) -> None:
-    """Raises ValueError if a block size cannot lower on `backend`."""
+  def check_for_platform(self, platform: str) -> None:
+    """Raises ValueError if a block size cannot lower for `platform`."""
     for field in dataclasses.fields(self):
-      if field.name in ("num_warps", "num_stages"):
+      if field.name in _TRITON_KNOBS:
         continue
       value = getattr(self, field.name)
-      if backend == "gpu":
-        if value < GPU_MIN_BLOCK or value & (value - 1):
+      if platform == "gpu":
+        if value < TRITON_MIN_TILE or not validation.is_power_of_two(value):
           raise ValueError(
               f"FlashBlockSizes.{field.name}={value}: GPU/CPU blocks must be "
-              f"powers of two >= {GPU_MIN_BLOCK} (Triton tensor shapes and "
+              f"powers of two >= {TRITON_MIN_TILE} (Triton tensor shapes and "
               "dot tiles); use e.g. 16, 32, 64 or 128.")
-      elif backend == "tpu":
-        if value % TPU_BLOCK_MULTIPLE:
+      elif platform == "tpu":
+        # The kv block is the lane axis of the logits tile, so TPU blocks
+        # are whole multiples of the lane width.
+        if value % LANES:
           raise ValueError(
               f"FlashBlockSizes.{field.name}={value}: TPU blocks must be "
-              f"multiples of {TPU_BLOCK_MULTIPLE} (Mosaic lane width); use "
-              "e.g. 128, 256 or 512.")
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+              f"multiples of {LANES} (Mosaic lane width); use e.g. 128, 256 "
+              "or 512.")

@@ -16,24 +16,20 @@ from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import kernel_math as km
-
-try:  # The Triton backend is deprecated in jax 0.11 but still ships.
-  from jax.experimental.pallas import triton as _plgpu
-except ImportError:  # pragma: no cover - depends on the installed jax
-  _plgpu = None
+from pallas_kernels.platform import plgpu
 
 
 def gpu_compiler_params(num_warps: int | None, num_stages: int | None,
                         head_dim: int):
   """Triton launch parameters, or None where the Triton module is missing."""
-  if _plgpu is None:
+  if plgpu is None:
     return None
   if num_warps is None:
     # Wider tiles need more warps to keep the [block, head_dim] accumulator
     # in registers without spilling.
     num_warps = 4 if head_dim <= 64 else 8
-  return _plgpu.CompilerParams(num_warps=num_warps,
-                               num_stages=num_stages or 2)
+  return plgpu.CompilerParams(num_warps=num_warps,
+                              num_stages=num_stages or 2)
 
 
 def block_order(num_blocks: int, reverse: bool):
@@ -43,17 +39,34 @@ def block_order(num_blocks: int, reverse: bool):
   return lambda i: num_blocks - 1 - i
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
-                prob: km.Problem, block_q: int, block_kv: int, order):
-  info = prob.info
-  qi = order(pl.program_id(0))
-  q0 = qi * block_q
-  q = q_ref[...]
-  q_seg = q_seg_ref[...][:, None] if info.segments else None
-  n_full, n_any = km.kv_block_range(info, qi, block_q, block_kv)
+def fold_kv_blocks(step, carry, k_ref, v_ref, kv_seg_ref, *,
+                   info: km.MaskInfo, q0, q_seg, kv_range, block_q: int,
+                   block_kv: int):
+  """Folds step(carry, k, v, mask) over the key blocks one query block sees.
+
+  Shared by the forward and the dQ kernel, which stream the keys the same way.
+
+  Args:
+    step: (carry, k [block_kv, D], v [block_kv, D], mask) -> carry; mask is
+      None for a wholly visible block.
+    carry: the initial accumulator.
+    k_ref: keys of the query block's kv head, [kv_len_padded, D].
+    v_ref: values, like k_ref.
+    kv_seg_ref: key segment ids [kv_len_padded] (read only with segments).
+    info: the masking problem.
+    q0: first query row of the block.
+    q_seg: query segment ids [block_q, 1], or None.
+    kv_range: (n_full, n_any) from km.kv_block_range.
+    block_q: query rows per block.
+    block_kv: key rows per step.
+
+  Returns:
+    The final carry.
+  """
+  n_full, n_any = kv_range
 
   def make_step(masked: bool):
-    def step(j, stats):
+    def body(j, carry):
       start = pl.multiple_of(j * block_kv, block_kv)
       k = k_ref[pl.ds(start, block_kv), :]
       v = v_ref[pl.ds(start, block_kv), :]
@@ -63,17 +76,35 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
                   if info.segments else None)
         mask = km.block_mask(info, q0, start, (block_q, block_kv), q_seg,
                              kv_seg)
-      return km.softmax_step(stats, km.logits(q, k, prob.scale_log2, mask), v)
-    return step
+      return step(carry, k, v, mask)
+    return body
+
+  # Blocks wholly visible skip the iota/compare/select of the mask; with
+  # segment ids every block needs it.
+  if not info.segments:
+    end = n_full if info.needs_mask else n_any
+    carry = lax.fori_loop(0, end, make_step(False), carry)
+  if info.needs_mask:
+    carry = lax.fori_loop(n_full, n_any, make_step(True), carry)
+  return carry
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
+                prob: km.Problem, block_q: int, block_kv: int, order):
+  info = prob.info
+  qi = order(pl.program_id(0))
+  q0 = qi * block_q
+  q = q_ref[...]
+  q_seg = q_seg_ref[...][:, None] if info.segments else None
+  kv_range = km.kv_block_range(info, qi, block_q, block_kv)
+
+  def attend(stats, k, v, mask):
+    return km.softmax_step(stats, km.logits(q, k, prob.scale_log2, mask), v)
 
   stats = km.init_stats(block_q, 1, prob.head_dim)
-  if not info.needs_mask:
-    stats = lax.fori_loop(0, n_any, make_step(False), stats)
-  else:
-    # Blocks wholly visible skip the iota/compare/select of the mask.
-    if not info.segments:
-      stats = lax.fori_loop(0, n_full, make_step(False), stats)
-    stats = lax.fori_loop(n_full, n_any, make_step(True), stats)
+  stats = fold_kv_blocks(attend, stats, k_ref, v_ref, kv_seg_ref, info=info,
+                         q0=q0, q_seg=q_seg, kv_range=kv_range,
+                         block_q=block_q, block_kv=block_kv)
   out, lse = km.finalize(stats)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse.reshape(block_q)

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import kernel_math as km
 from pallas_kernels.flash_attention.tpu_forward import clamp_index
-from pallas_kernels.flash_attention.tpu_forward import LANES
 from pallas_kernels.flash_attention.tpu_forward import split_ranges
 from pallas_kernels.flash_attention.tpu_forward import SUBLANES
 from pallas_kernels.flash_attention.tpu_forward import tile_mask
 from pallas_kernels.flash_attention.tpu_forward import tpu_segment_layout
 from pallas_kernels.flash_attention.tpu_forward import when_visible
+from pallas_kernels.tiling import LANES
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref,

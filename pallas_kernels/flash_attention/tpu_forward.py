@@ -18,9 +18,11 @@ from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from pallas_kernels.flash_attention import kernel_math as km
+from pallas_kernels.tiling import LANES
+from pallas_kernels.tiling import sublanes
 
-LANES = 128
-SUBLANES = 8
+# Rows of the kv segment-id tile: one native tile of int32.
+SUBLANES = sublanes(jnp.int32)
 
 
 def tpu_segment_layout(q_seg: jax.Array | None, kv_seg: jax.Array | None):

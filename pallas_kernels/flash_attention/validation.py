@@ -4,31 +4,22 @@ Each message names the argument, what was received and how to fix it.
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import validation
 from pallas_kernels.flash_attention.block_sizes import FlashBlockSizes
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _check_array(name: str, x, layout: str) -> None:
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{name} must be an array {layout}, got {type(x)}.")
-  if len(x.shape) != 4:
-    raise ValueError(
-        f"{name} must have rank 4 {layout}, got shape {tuple(x.shape)}; "
-        "add a batch or heads axis of size 1 if needed.")
+  validation.check_rank(name, x, 4, layout,
+                        "; add a batch or heads axis of size 1 if needed")
   if 0 in x.shape:
     raise ValueError(f"{name} has an empty axis: shape {tuple(x.shape)}.")
-  if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-    raise ValueError(
-        f"{name}.dtype must be float32, bfloat16 or float16, got {x.dtype}; "
-        f"cast {name} first.")
+  validation.check_float(name, x, _FLOAT_DTYPES)
 
 
 def _check_segments(name: str, seg, batch: int, length: int,
@@ -46,9 +37,8 @@ def _check_segments(name: str, seg, batch: int, length: int,
   return jnp.asarray(seg).astype(jnp.int32)
 
 
-def validate_inputs(q, k, v, *, causal, segment_ids, sm_scale, block_sizes,
-                    backend, interpret):
-  """Checks every argument of flash_attention.
+def validate_inputs(q, k, v, *, causal, segment_ids, sm_scale, block_sizes):
+  """Checks flash_attention's arguments (platform.resolve checks the rest).
 
   Returns:
     (q_segment_ids, kv_segment_ids) as int32 arrays, or (None, None).
@@ -60,43 +50,20 @@ def validate_inputs(q, k, v, *, causal, segment_ids, sm_scale, block_sizes,
   _check_array("k", k, "[batch, kv_len, kv_heads, head_dim]")
   _check_array("v", v, "[batch, kv_len, kv_heads, head_dim]")
   batch, q_len, heads, head_dim = q.shape
-  if tuple(k.shape) != tuple(v.shape):
-    raise ValueError(f"k and v must have the same shape, got k "
-                     f"{tuple(k.shape)} and v {tuple(v.shape)}.")
+  validation.check_same_shape("k", k, "v", v)
   if k.shape[0] != batch:
     raise ValueError(f"k/v batch {k.shape[0]} != q batch {batch}; pass "
                      "the same batch size for q, k and v.")
   if k.shape[3] != head_dim:
     raise ValueError(f"k/v head_dim {k.shape[3]} != q head_dim {head_dim}; "
                      "q, k and v must share head_dim.")
-  kv_heads = k.shape[2]
-  if heads % kv_heads:
-    raise ValueError(
-        f"q heads ({heads}) must be a multiple of k/v heads ({kv_heads}) "
-        "for GQA/MQA; repeat the kv heads or change the head counts.")
-  if k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(
-        f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, "
-        f"v {v.dtype}; cast k and v to q.dtype.")
+  validation.check_gqa_heads(heads, k.shape[2], "k/v heads")
+  validation.check_same_dtype({"q": q, "k": k, "v": v},
+                              fix="cast k and v to q.dtype")
   if not isinstance(causal, (bool, np.bool_)):
     raise ValueError(f"causal must be a bool, got {causal!r}.")
-  if sm_scale is not None:
-    if (not isinstance(sm_scale, numbers.Real)
-        or isinstance(sm_scale, bool) or not math.isfinite(sm_scale)):
-      raise ValueError(
-          f"sm_scale must be a finite Python number (it is baked into the "
-          f"kernel) or None for 1/sqrt(head_dim), got {sm_scale!r}.")
-  if block_sizes is not None and not isinstance(block_sizes, FlashBlockSizes):
-    raise ValueError(f"block_sizes must be a FlashBlockSizes or None, got "
-                     f"{type(block_sizes)}.")
-  if not (interpret is None or isinstance(interpret, (bool, np.bool_))
-          or "Interpret" in type(interpret).__name__):
-    raise ValueError(
-        f"interpret must be None, a bool or a pallas InterpretParams, got "
-        f"{interpret!r}.")
-  if backend not in (None, "gpu", "tpu"):
-    raise ValueError(f"backend must be None, 'gpu' or 'tpu', got "
-                     f"{backend!r}.")
+  validation.check_sm_scale(sm_scale)
+  validation.check_block_sizes(block_sizes, FlashBlockSizes)
 
   kv_len = k.shape[1]
   if segment_ids is None:

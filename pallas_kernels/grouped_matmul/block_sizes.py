@@ -1,15 +1,9 @@
-"""Block sizes for the grouped matmul kernels and the choice of lowering."""
+"""Block sizes for the grouped matmul kernels."""
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-
-_PLATFORMS = ("gpu", "tpu")
-
-
-def _is_power_of_two(n) -> bool:
-  return isinstance(n, int) and n > 0 and (n & (n - 1)) == 0
+from pallas_kernels import validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,37 +29,10 @@ class GroupedMatmulBlockSizes:
 
   def __post_init__(self):
     for name in ("tm", "tk", "tn"):
-      value = getattr(self, name)
-      if not _is_power_of_two(value) or value < 8:
-        raise ValueError(
-            f"GroupedMatmulBlockSizes.{name} must be a power of two >= 8, got "
-            f"{value!r}; e.g. 16, 128 or 256.")
-    if not _is_power_of_two(self.num_warps) or self.num_warps > 32:
-      raise ValueError(
-          "GroupedMatmulBlockSizes.num_warps must be a power of two in "
-          f"[1, 32], got {self.num_warps!r}.")
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(
-          "GroupedMatmulBlockSizes.num_stages must be an int >= 1, got "
-          f"{self.num_stages!r}.")
-
-
-def resolve_platform(interpret: bool | None, platform: str | None
-                     ) -> tuple[bool, str]:
-  """(interpret, platform) with the defaults filled from the default backend.
-
-  None interpret = the interpreter on CPU (no Pallas compiler there),
-  compiled elsewhere. None platform = 'tpu' on TPU, else 'gpu' (the masked
-  Triton-shaped body, which the CPU interpreter also runs).
-  """
-  if interpret is not None and not isinstance(interpret, bool):
-    raise ValueError(f"interpret must be None or a bool, got {interpret!r}.")
-  if platform is not None and platform not in _PLATFORMS:
-    raise ValueError(
-        f"platform must be None, 'gpu' or 'tpu', got {platform!r}.")
-  backend = jax.default_backend()
-  if interpret is None:
-    interpret = backend not in ("gpu", "cuda", "rocm", "tpu")
-  if platform is None:
-    platform = "tpu" if backend == "tpu" else "gpu"
-  return interpret, platform
+      validation.check_power_of_two(
+          f"GroupedMatmulBlockSizes.{name}", getattr(self, name), minimum=8,
+          example="16, 128 or 256")
+    validation.check_power_of_two("GroupedMatmulBlockSizes.num_warps",
+                                  self.num_warps, maximum=32)
+    validation.check_int("GroupedMatmulBlockSizes.num_stages",
+                         self.num_stages)

@@ -23,22 +23,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 
-try:
-  from jax.experimental.pallas import triton as plgpu
-except ImportError:  # A jax without the (deprecated) Pallas Triton backend.
-  plgpu = None
-
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import metadata
 from pallas_kernels.grouped_matmul.block_sizes import GroupedMatmulBlockSizes
-
-_MIN_TILE = 16  # smallest Triton dot operand dim
-
-
-def _require_triton():
-  if plgpu is None:
-    raise NotImplementedError(
-        "This jax has no Pallas Triton backend (jax.experimental.pallas."
-        "triton); pass platform='tpu' to use the Mosaic variant.")
+from pallas_kernels.platform import plgpu
+from pallas_kernels.platform import require_triton
 
 
 def _iota(shape, dim):
@@ -86,8 +75,8 @@ def _gmm_kernel(first_ref, last_ref, off_ref, x_ref, w_ref, o_ref, *,
 
 
 def _tiles(block_sizes: GroupedMatmulBlockSizes):
-  return (max(_MIN_TILE, block_sizes.tm), max(_MIN_TILE, block_sizes.tk),
-          max(_MIN_TILE, block_sizes.tn))
+  return tuple(max(tiling.TRITON_MIN_TILE, t)
+               for t in (block_sizes.tm, block_sizes.tk, block_sizes.tn))
 
 
 def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, *,
@@ -107,7 +96,7 @@ def gmm(x: jax.Array, w: jax.Array, offsets: jax.Array, *,
   Returns:
     [M, N]; rows outside every group are 0.
   """
-  _require_triton()
+  require_triton()
   m, k = x.shape
   n = w.shape[1] if transpose_rhs else w.shape[2]
   tm, tk, tn = _tiles(block_sizes)
@@ -164,7 +153,7 @@ def _tgmm_kernel(off_ref, x_ref, dy_ref, o_ref, *, tm: int, k_dim: int,
 def tgmm(x: jax.Array, dy: jax.Array, offsets: jax.Array, *, out_dtype,
          block_sizes: GroupedMatmulBlockSizes, interpret: bool) -> jax.Array:
   """dw[g] = x[rows of g]^T @ dy[rows of g]: [G, K, N]; empty groups give 0."""
-  _require_triton()
+  require_triton()
   k, n = x.shape[1], dy.shape[1]
   num_groups = offsets.shape[0] - 1
   tm, tk, tn = _tiles(block_sizes)

@@ -26,22 +26,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from pallas_kernels import tiling
 from pallas_kernels.grouped_matmul import metadata
 from pallas_kernels.grouped_matmul.block_sizes import GroupedMatmulBlockSizes
 
-_LANES = 128
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
 
 def _tiles(block_sizes, m, k, n, dtype):
-  sub = 8 * (4 // jnp.dtype(dtype).itemsize)
-  tm = min(_round_up(block_sizes.tm, sub), _round_up(m, sub))
+  sub = tiling.sublanes(dtype)
+  tm = min(tiling.round_up(block_sizes.tm, sub), tiling.round_up(m, sub))
 
   def lane_tile(t, dim):
-    t = _round_up(t, _LANES)
+    t = tiling.round_up(t, tiling.LANES)
     return dim if dim <= t else t
 
   return tm, lane_tile(block_sizes.tk, k), lane_tile(block_sizes.tn, n)

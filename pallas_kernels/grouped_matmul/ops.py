@@ -2,24 +2,23 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import platform as platform_lib
+from pallas_kernels import validation
 from pallas_kernels.grouped_matmul import kernel_gpu
 from pallas_kernels.grouped_matmul import kernel_tpu
 from pallas_kernels.grouped_matmul import metadata
 from pallas_kernels.grouped_matmul.block_sizes import GroupedMatmulBlockSizes
-from pallas_kernels.grouped_matmul.block_sizes import resolve_platform
 
 _KERNELS = {"gpu": kernel_gpu, "tpu": kernel_tpu}
 
 
 def _check_options(block_sizes, preferred_element_type):
-  if block_sizes is not None and not isinstance(block_sizes,
-                                                GroupedMatmulBlockSizes):
-    raise ValueError("block_sizes must be None or GroupedMatmulBlockSizes, "
-                     f"got {type(block_sizes)}.")
+  validation.check_block_sizes(block_sizes, GroupedMatmulBlockSizes)
   if preferred_element_type is not None and not jnp.issubdtype(
       jnp.dtype(preferred_element_type), jnp.floating):
     raise ValueError("preferred_element_type must be None or a float dtype, "
@@ -27,25 +26,14 @@ def _check_options(block_sizes, preferred_element_type):
 
 
 def _check_group_sizes(group_sizes, num_groups: int, what: str) -> None:
-  if getattr(group_sizes, "ndim", None) != 1:
-    raise ValueError(
-        f"group_sizes must be a 1-D int32 array [num_groups], got "
-        f"{getattr(group_sizes, 'shape', type(group_sizes))}.")
-  if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-    raise ValueError(
-        f"group_sizes must be int32 (rows per group), got dtype "
-        f"{group_sizes.dtype}.")
+  validation.check_int_vector("group_sizes", group_sizes, "[num_groups]",
+                              "rows per group")
   if group_sizes.shape[0] != num_groups:
     raise ValueError(
         f"group_sizes has {group_sizes.shape[0]} groups but {what} has "
         f"{num_groups}; they must match.")
   if num_groups < 1:
     raise ValueError("group_sizes must hold at least one group.")
-
-
-def _check_float(name: str, a) -> None:
-  if not jnp.issubdtype(a.dtype, jnp.floating):
-    raise ValueError(f"{name} must be a float array, got dtype {a.dtype}.")
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -96,7 +84,7 @@ _gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd)
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
                    block_sizes: GroupedMatmulBlockSizes | None = None,
-                   interpret: bool | None = None,
+                   interpret: Any = None,
                    preferred_element_type=None,
                    platform: str | None = None) -> jax.Array:
   """Grouped (ragged) matmul: rows of group g times the weight of group g.
@@ -112,11 +100,13 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
       zeros; a sum above M truncates the last groups at M. Empty groups are
       fine.
     block_sizes: tiling; default GroupedMatmulBlockSizes().
-    interpret: None = interpreter on CPU, compiled on GPU (Triton) / TPU.
+    interpret: None = interpreter on CPU, compiled on GPU (Triton) / TPU;
+      True/False force it; a pallas InterpretParams picks that interpreter.
     preferred_element_type: output dtype; default the promoted input dtype.
       Accumulation is always f32.
-    platform: None = the default backend's lowering; 'gpu' or 'tpu' picks the
-      Triton- or Mosaic-shaped variant (e.g. to test it in the interpreter).
+    platform: None = the variant for the operands' device ('tpu' on TPU, else
+      'gpu'); 'gpu' or 'tpu' picks the Triton- or Mosaic-shaped variant (e.g.
+      to test it in the interpreter).
 
   Returns:
     [M, N].
@@ -124,20 +114,17 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   Raises:
     ValueError: on bad shapes, dtypes or options, before anything compiles.
   """
-  if getattr(x, "ndim", None) != 2:
-    raise ValueError(f"x must be 2-D [M, K], got {getattr(x, 'shape', x)}.")
-  if getattr(w, "ndim", None) != 3:
-    raise ValueError(
-        f"w must be 3-D [G, K, N], got {getattr(w, 'shape', w)}.")
+  validation.check_rank("x", x, 2, "[M, K]")
+  validation.check_rank("w", w, 3, "[G, K, N]")
   if x.shape[1] != w.shape[1]:
     raise ValueError(
         f"x has K={x.shape[1]} but w has K={w.shape[1]} (w is [G, K, N]); "
         "the contraction dims must match.")
-  _check_float("x", x)
-  _check_float("w", w)
+  validation.check_float("x", x)
+  validation.check_float("w", w)
   _check_group_sizes(group_sizes, w.shape[0], "w")
   _check_options(block_sizes, preferred_element_type)
-  interpret, platform = resolve_platform(interpret, platform)
+  interpret, platform = platform_lib.resolve(interpret, platform, x, w)
   dtype = jnp.result_type(x.dtype, w.dtype)
   out_dtype = jnp.dtype(preferred_element_type or dtype)
   if 0 in (x.shape[0], x.shape[1], w.shape[2]):
@@ -150,7 +137,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
 def transposed_grouped_matmul(
     x: jax.Array, dy: jax.Array, group_sizes: jax.Array, *,
     block_sizes: GroupedMatmulBlockSizes | None = None,
-    interpret: bool | None = None, preferred_element_type=None,
+    interpret: Any = None, preferred_element_type=None,
     platform: str | None = None) -> jax.Array:
   """Per-group x_g^T @ dy_g -> [G, K, N]: the weight gradient kernel.
 
@@ -171,19 +158,17 @@ def transposed_grouped_matmul(
   Raises:
     ValueError: on bad shapes, dtypes or options.
   """
-  if getattr(x, "ndim", None) != 2:
-    raise ValueError(f"x must be 2-D [M, K], got {getattr(x, 'shape', x)}.")
-  if getattr(dy, "ndim", None) != 2:
-    raise ValueError(f"dy must be 2-D [M, N], got {getattr(dy, 'shape', dy)}.")
+  validation.check_rank("x", x, 2, "[M, K]")
+  validation.check_rank("dy", dy, 2, "[M, N]")
   if x.shape[0] != dy.shape[0]:
     raise ValueError(
         f"x has M={x.shape[0]} rows but dy has {dy.shape[0]}; they must match.")
-  _check_float("x", x)
-  _check_float("dy", dy)
+  validation.check_float("x", x)
+  validation.check_float("dy", dy)
   num_groups = group_sizes.shape[0] if getattr(group_sizes, "ndim", 0) else -1
   _check_group_sizes(group_sizes, num_groups, "group_sizes")
   _check_options(block_sizes, preferred_element_type)
-  interpret, platform = resolve_platform(interpret, platform)
+  interpret, platform = platform_lib.resolve(interpret, platform, x, dy)
   dtype = jnp.result_type(x.dtype, dy.dtype)
   out_dtype = jnp.dtype(preferred_element_type or dtype)
   k, n = x.shape[1], dy.shape[1]
