@@ -26,9 +26,10 @@ class NonFiniteLossError(RuntimeError):
 def evaluate(trainer: Trainer, params, heldout, cfg) -> dict[str, float]:
   """Mean held-out loss over `train.eval_batches` fixed batches (the same ones every time)."""
   ce_sum = tokens = 0.0
+  shard, shards = trainer.data_shard()
   for batch in data_lib.eval_batches(heldout, cfg.train.eval_batches, seed=cfg.seed,
                                      global_batch=cfg.train.batch_size, seq_len=cfg.data.seq_len,
-                                     process_index=jax.process_index(), process_count=jax.process_count()):
+                                     process_index=shard, process_count=shards):
     out = jax.device_get(trainer.eval_step(params, trainer.device_batch(batch)))
     ce_sum += float(out['ce_sum'])
     tokens += float(out['tokens'])
@@ -87,6 +88,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
     data_lib.check_vocab(split, cfg.model.vocab_size)
 
   trainer = Trainer(cfg, make_sharder(cfg, devices))
+  data_shard = trainer.data_shard()
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
@@ -119,8 +121,8 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
 
   writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, resume_step=start)
   batches = data_lib.DataIterator(train_data, start_step=start, seed=cfg.seed, global_batch=t.batch_size,
-                                  seq_len=cfg.data.seq_len, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), prefetch=cfg.data.prefetch)
+                                  seq_len=cfg.data.seq_len, process_index=data_shard[0],
+                                  process_count=data_shard[1], prefetch=cfg.data.prefetch)
   last_saved = checkpointer.latest_step() if checkpointer else None
   record: dict = {}
   pending = None

@@ -170,9 +170,31 @@ class Trainer:
 
   # --- host <-> device ---------------------------------------------------------------------------------------
 
+  def data_shard(self) -> tuple[int, int]:
+    """(index, count): this process feeds rows [index * B / count, (index + 1) * B / count) of the global batch.
+
+    Processes whose devices hold the same batch rows (e.g. tensor parallelism across hosts) must feed the same
+    rows, so this follows the batch sharding rather than the process index.
+    """
+    b = self.cfg.train.batch_size
+    spans: dict[int, set] = {}
+    for device, index in self.batch_sharding['inputs'].devices_indices_map((b, self.seq_len)).items():
+      rows = index[0]
+      spans.setdefault(device.process_index, set()).add((rows.start or 0, b if rows.stop is None else rows.stop))
+    blocks = {p: (min(a for a, _ in s), max(e for _, e in s), sum(e - a for a, e in s)) for p, s in spans.items()}
+    size = blocks[jax.process_index()][1] - blocks[jax.process_index()][0]
+    for p, (start, stop, covered) in blocks.items():
+      if stop - start != size or covered != size or start % size:
+        raise ValueError(f'config mesh: the batch rows of process {p} are not one contiguous block of the global '
+                         'batch; put the axes that cross hosts on the batch (e.g. mesh.dcn_data) or change '
+                         'mesh.axis_rules')
+    return blocks[jax.process_index()][0] // size, b // size
+
   def device_batch(self, local_batch: dict) -> dict[str, jax.Array]:
-    """This process's rows (numpy) -> global arrays sharded over the batch axes (works multi-host)."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], local_batch[k]) for k in BATCH_KEYS}
+    """This process's rows (numpy, see `data_shard`) -> global arrays sharded over the batch axes."""
+    shape = (self.cfg.train.batch_size, self.seq_len)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], local_batch[k], shape)
+            for k in BATCH_KEYS}
 
   @property
   def flops_per_token(self) -> float:

@@ -16,7 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import configs
-from launch import cpu_devices
+from launch import runtime_flags
 
 _SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'all'], 'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
@@ -120,7 +120,7 @@ def kernels_suite(quick: bool) -> None:
 
 def main(argv):
   del argv
-  cpu_devices.apply()
+  runtime_flags.apply()
   if _SUITE.value in ('train', 'all'):
     train_suite(_CONFIG.value)
   if _SUITE.value in ('kernels', 'all'):

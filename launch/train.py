@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch import cpu_devices
+from launch import runtime_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg) -> ConfigDict).',
                                           lock_config=True)
@@ -28,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_only_our_info)
-  cpu_devices.apply()
+  runtime_flags.apply()
   from framework import loop  # pylint: disable=g-import-not-at-top  (after the device flags take effect)
   try:
     summary = loop.train(_CONFIG.value, _WORKDIR.value)

@@ -1,0 +1,45 @@
+"""Multi-process start-up: jax.distributed.initialize from explicit settings or the cluster's environment.
+
+Every process of a multi-host job calls `initialize` before touching a device. A peer that never arrives makes
+jax abort after `timeout_s`, so jobs fail loudly instead of hanging.
+"""
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+
+def initialize(*, coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
+               auto: bool = False, timeout_s: int = 300) -> None:
+  """Joins a multi-process job; does nothing for a single process.
+
+  Args:
+    coordinator_address: 'host:port' of process 0; with num_processes and process_id, an explicit job.
+    num_processes: processes in the job (>= 2 for an explicit job).
+    process_id: this process, in [0, num_processes).
+    auto: let jax read the cluster's environment (TPU pods, SLURM, Open MPI, ...).
+    timeout_s: how long to wait for every peer.
+  """
+  explicit = bool(coordinator_address)
+  if explicit and auto:
+    raise ValueError('--distributed_auto and --coordinator_address exclude each other; give one')
+  if explicit:
+    if num_processes < 2:
+      raise ValueError(f'--num_processes must be >= 2 with --coordinator_address, got {num_processes}')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id must be in [0, {num_processes}), got {process_id}')
+    if ':' not in coordinator_address:
+      raise ValueError(f'--coordinator_address must be host:port, got {coordinator_address!r}')
+  elif num_processes or process_id >= 0:
+    raise ValueError('--num_processes and --process_id need --coordinator_address')
+  if not (explicit or auto):
+    return
+  # CPU collectives across processes need an explicit transport; GPU and TPU ignore this setting.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id,
+                               initialization_timeout=timeout_s)
+  else:
+    jax.distributed.initialize(initialization_timeout=timeout_s)
+  logging.info('Process %d of %d; %d local / %d global devices', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())

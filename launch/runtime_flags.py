@@ -1,0 +1,25 @@
+"""Flags that set up the runtime before jax starts: fake CPU devices and multi-process jobs."""
+import jax
+from absl import flags
+
+CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0, 'Run on N fake CPU devices (jax_num_cpu_devices) instead of the default backend; 0: off.')
+COORDINATOR = flags.DEFINE_string('coordinator_address', '', 'host:port of process 0 for a multi-process job.')
+NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the job (with --coordinator_address).')
+PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (with --coordinator_address).')
+DISTRIBUTED_AUTO = flags.DEFINE_bool('distributed_auto', False,
+                                     'Join a multi-process job described by the environment (TPU pod, SLURM).')
+DISTRIBUTED_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
+
+
+def apply() -> None:
+  """Call first in main(), before anything touches a device."""
+  if CPU_DEVICES.value < 0:
+    raise ValueError(f'--cpu_devices must be >= 0, got {CPU_DEVICES.value}')
+  if CPU_DEVICES.value:
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', CPU_DEVICES.value)
+  from framework import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
+                         process_id=PROCESS_ID.value, auto=DISTRIBUTED_AUTO.value,
+                         timeout_s=DISTRIBUTED_TIMEOUT.value)
