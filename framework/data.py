@@ -180,8 +180,8 @@ def load_splits(cfg_data: Any) -> tuple[PackedStream, PackedStream]:
 def check_vocab(stream: PackedStream, vocab_size: int) -> None:
   """Refuses a model whose vocabulary cannot hold every id of `stream`.
 
-  Worth a check because an out-of-range id is not an error on accelerators:
-  the embedding gather clamps it and training silently goes wrong.
+  Worth a check because an out-of-range id raises nothing on device: the embedding lookup returns a fill value
+  (NaN) or a clamped row, and training silently goes wrong.
 
   Raises:
     ValueError: naming `model.vocab_size` (too small) or `data.path`

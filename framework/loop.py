@@ -81,6 +81,9 @@ def _log_progress(done: int, steps: int, record: dict, eta: float) -> None:
 
 def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dict:
   """Trains `cfg` in `workdir`, resuming from its latest complete checkpoint. Returns the last logged metrics."""
+  if '://' in workdir:
+    raise ValueError(f'--workdir {workdir!r}: remote paths are not supported yet; use a local or mounted path '
+                     '(e.g. a gcsfuse mount)')
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
   train_data, heldout = data_lib.load_splits(cfg.data)
