@@ -1,4 +1,7 @@
 """Flags that set up the runtime before jax starts: fake CPU devices and multi-process jobs."""
+import re
+import sys
+
 import jax
 from absl import flags
 
@@ -23,3 +26,21 @@ def apply() -> None:
   distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                          process_id=PROCESS_ID.value, auto=DISTRIBUTED_AUTO.value,
                          timeout_s=DISTRIBUTED_TIMEOUT.value)
+
+
+def parse_flags(argv):
+  """absl flag parsing that turns a bad --config.* override (unknown key, wrong type) into one line, not a
+  traceback. Pass as app.run(main, flags_parser=parse_flags)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {e}\nPass --help for usage.')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    sys.exit(f'error: bad --config override: {_one_line(e)}')
+
+
+def _one_line(error: Exception) -> str:
+  """ml_collections nests a KeyError's repr inside an AttributeError; unwrap it to one readable line."""
+  text = re.sub(r"[\\'\"]+", "'", str(error).replace('\\n', ' ')).strip("'")
+  key, _, rest = text.partition("'")
+  return f'unknown key {key!r};{rest}' if isinstance(error, AttributeError) and rest else text
