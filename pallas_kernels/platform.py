@@ -78,8 +78,8 @@ def resolve(interpret: Any, platform: str | None, *arrays
 
 
 def require_triton() -> None:
-  """Raises NotImplementedError where this jax has no Pallas Triton backend."""
+  """Raises RuntimeError where this jax has no Pallas Triton backend."""
   if plgpu is None:
-    raise NotImplementedError(
+    raise RuntimeError(
         "This jax has no Pallas Triton backend (jax.experimental.pallas."
         "triton); pass platform='tpu' to use the Mosaic variant.")

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lower_for
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.decode_attention import (
@@ -249,19 +250,6 @@ def test_tpu_variant_in_tpu_interpret_mode():
                 jnp.float32)
 
 
-def _lower_for(platform, fn, *args):
-  """Lowers fn for a platform this host lacks (runs the Pallas lowering)."""
-  traced = jax.jit(fn).trace(*args)
-  if platform == "cuda":
-    return traced.lower(lowering_platforms=("cuda",)).as_text()
-  device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite",
-                                       num_cores=1, platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("tpu",)).as_text()
-
-
 @pytest.mark.parametrize("target", ["cuda", "tpu"])
 @pytest.mark.parametrize("d", [128, 96])
 def test_kernels_lower_for_gpu_and_tpu(target, d):
@@ -272,9 +260,9 @@ def test_kernels_lower_for_gpu_and_tpu(target, d):
   cache = spec((4, 300, 2, d), bf16)
   prefix = spec((1000, 2, d), bf16)
   lengths = spec((4,), jnp.int32)
-  text = _lower_for(target, lambda *a: decode_attention(
+  text = lower_for(target, lambda *a: decode_attention(
       *a, interpret=False, platform=platform), q, cache, cache, lengths)
-  text += _lower_for(target, lambda *a: shared_prefix_attention(
+  text += lower_for(target, lambda *a: shared_prefix_attention(
       *a, interpret=False, platform=platform), q, prefix, prefix)
   assert ("tpu_custom_call" if target == "tpu" else "triton") in text
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lower_for
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.grouped_matmul import (
@@ -165,19 +166,6 @@ def test_rejects_bad_block_sizes_and_tgmm_inputs():
                               jnp.array([4], jnp.int32))
 
 
-def _lower_for(target, fn, *args):
-  """Lowers fn for a platform this host lacks (runs the Pallas lowering)."""
-  if target == "cuda":
-    return jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-  device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite",
-                                       num_cores=1, platform="tpu")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.jit(fn).trace(*args).lower(
-        lowering_platforms=("tpu",)).as_text()
-
-
 @pytest.mark.parametrize("target", ["cuda", "tpu"])
 def test_forward_and_backward_lower_for_gpu_and_tpu(target):
   platform = "gpu" if target == "cuda" else "tpu"
@@ -190,5 +178,5 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(target):
     out = grouped_matmul(x, w, gs, interpret=False, platform=platform)
     return out.astype(jnp.float32).sum()
 
-  text = _lower_for(target, jax.grad(loss, argnums=(0, 1)), x, w, gs)
+  text = lower_for(target, jax.grad(loss, argnums=(0, 1)), x, w, gs)
   assert ("tpu_custom_call" if target == "tpu" else "triton") in text
