@@ -52,14 +52,17 @@ def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
 class Trainer:
   """Model, optimizer, shardings and the jitted steps for one config on one mesh."""
 
-  def __init__(self, cfg, sharder: Sharder):
+  def __init__(self, cfg, sharder: Sharder, model_cls=Transformer):
+    """`model_cls(model_cfg, sharder)` builds the network: a module whose call maps (tokens, positions,
+    segment_ids) to (logits, aux), where aux is a dict of statistics the step sums over micro-batches and
+    reports in its metrics (e.g. an MoE model's expert counts)."""
     self.cfg = cfg
     self.sharder = sharder
     self.model_cfg = ModelConfig.from_config(cfg.model)
-    self.model = Transformer(self.model_cfg, sharder)
+    self.model = model_cls(self.model_cfg, sharder)
     # Parameters do not depend on how activations are laid out; initialising through a mesh-less twin keeps
     # per-shard kernels (shard_map) away from the one-row dummy batch.
-    self._init_model = Transformer(self.model_cfg, Sharder(None, sharder.rules))
+    self._init_model = model_cls(self.model_cfg, Sharder(None, sharder.rules))
     self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     self.seq_len = cfg.data.seq_len
@@ -159,6 +162,7 @@ class Trainer:
         'tokens': stats['tokens'],
         # Checked before every checkpoint, so a diverged state is never saved.
         'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
+        **{k: v for k, v in stats.items() if k not in ('ce_sum', 'z_sum', 'tokens')},  # model aux sums
         **per_micro,
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -18,6 +18,7 @@ from framework.corpus import PackedStream
 from framework.data import batch_for_step
 from framework.mesh import make_sharder
 from framework.train import Trainer
+from framework.models.transformer import Transformer
 
 # f32 with 'highest' matmul precision (conftest). Sharded and micro-batched steps sum the same terms in a
 # different order (per-shard partial sums, then all-reduce), so results move by rounding only: losses and grad
@@ -208,3 +209,21 @@ def test_gradient_is_ce_plus_z_loss(init_state, reference):
   # The z-loss part is far above the tolerance, so a step that dropped it would fail the line above.
   step_flat, ce_flat = flat(step_grad), flat(g_ce)
   assert max(np.abs(step_flat[k] - ce_flat[k]).max() for k in ce_flat) > 100 * ATOL
+
+
+class CountingTransformer(Transformer):
+  """The dense model plus an aux statistic, as an MoE layer adds expert counts: the tokens each call saw."""
+
+  def __call__(self, tokens, positions, segment_ids):
+    logits, aux = super().__call__(tokens, positions, segment_ids)
+    return logits, {**aux, 'rows_seen': jnp.float32(tokens.shape[0]),
+                    'segment_starts': jnp.sum(positions == 0).astype(jnp.float32)}
+
+
+def test_model_statistics_are_summed_over_micro_batches_and_reported():
+  cfg = tiny_config(dict(data=2, fsdp=2), micro_batches=MICRO)
+  trainer = Trainer(cfg, make_sharder(cfg, jax.devices()[:4]), model_cls=CountingTransformer)
+  batch = uneven_batch()
+  _, metrics = trainer.train_step(trainer.init(jax.random.key(0)), trainer.device_batch(batch))
+  assert float(metrics['rows_seen']) == cfg.train.batch_size  # 4 micro-batches of 4 rows, summed
+  assert float(metrics['segment_starts']) == float(np.sum(batch['positions'] == 0))
