@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Sequence
 
@@ -71,6 +73,29 @@ def _raise_if_diverged(step: int, metrics: dict, last_saved: int | None, directo
         'optim.warmup_steps, then rerun the same command to resume from that checkpoint.')
 
 
+class _StopRequest:
+  """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to checkpoint the current step and stop cleanly.
+
+  Single-process only: across hosts every process must agree on the step to save at, which needs a
+  coordinated sync point; there the signals keep their default behaviour.
+  """
+
+  def __init__(self):
+    self.requested, self.signal_name, self._previous = False, '', {}
+    if jax.process_count() != 1 or threading.current_thread() is not threading.main_thread():
+      return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested, self.signal_name = True, signal.Signals(signum).name
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def _log_progress(done: int, steps: int, record: dict, eta: float) -> None:
   speed = (f"  {record['tokens_per_s']:.0f} tok/s  MFU {100 * record['mfu']:.1f}%" if 'tokens_per_s' in record
            else '')
@@ -131,6 +156,8 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
   pending = None
   run_start = window_start = None
   window_steps = 0
+  stop = _StopRequest()
+  done = start
   try:
     for step in range(start, steps):
       state, metrics = trainer.train_step(state, trainer.device_batch(next(batches)))
@@ -144,9 +171,10 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
       else:
         window_steps += 1
       is_last = done == steps
+      stopping = stop.requested  # read once: a signal arriving mid-iteration waits for the next step
       do_log = done % t.log_every == 0 or is_last
       do_eval = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
-      do_save = checkpointer is not None and (done % cfg.checkpoint.every_steps == 0 or is_last)
+      do_save = checkpointer is not None and (done % cfg.checkpoint.every_steps == 0 or is_last or stopping)
       if do_log or do_eval:
         values = jax.device_get(metrics)
         _raise_if_diverged(done, values, last_saved, workdir)
@@ -169,11 +197,16 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
           last_saved = done
       if do_log or do_eval or do_save:
         window_start, window_steps = time.perf_counter(), 0
+      if stopping:
+        logging.warning('Stopping at step %d on %s%s; rerun the same command to resume', done, stop.signal_name,
+                        ' after saving a checkpoint' if do_save else '')
+        break
     if pending is not None:
       _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
   finally:
+    stop.restore()
     batches.close()
     writer.close()
     if checkpointer:
       checkpointer.close()
-  return {'step': steps, **record}
+  return {'step': done, **record}

@@ -6,8 +6,10 @@ device setup are exercised exactly as a user runs them.
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +78,28 @@ def test_short_run_keeps_the_configs_warmup():
     section, key = dotted.split('.')
     cfg[section][key] = value
   config_lib.validate(cfg, num_devices=4)
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+  """Preemption: SIGTERM mid-run checkpoints the step it reached and exits cleanly (rerunning resumes: test_checkpoint)."""
+  workdir = str(tmp_path / 'run')
+  args = [sys.executable, '-m', 'launch.train', '--config=configs/lm_tiny.py', f'--workdir={workdir}',
+          '--cpu_devices=2'] + [f'--config.{k}={v}' for k, v in {
+              **OVERRIDES, 'train.steps': 2000, 'train.log_every': 1, 'checkpoint.every_steps': 1000,
+              'data.heldout_fraction': 0.2, 'optim.warmup_steps': 2}.items()]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 240
+  while (time.time() < deadline and proc.poll() is None
+         and not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3)):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 2000, err[-3000:]
+  assert 'Stopping at step' in err
+  last_logged = read_metrics(workdir)[-1]['step']
+  assert last_logged == saved[0]
