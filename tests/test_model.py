@@ -279,3 +279,21 @@ def test_adamw_decays_weights_but_not_norm_scales():
   for path, u in jax.tree_util.tree_leaves_with_path(updates):
     expected = 0.0 if getattr(path[-1], 'key', None) == 'scale' else -0.1 * 0.5 * 2.0
     np.testing.assert_allclose(u, expected, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('rules', [
+    (('heads', 'tensor'), ('kv_heads', None)),      # kv replicated while queries are split
+    (('heads', None), ('kv_heads', 'tensor')),      # the reverse
+    (('heads', 'tensor'), ('kv_heads', 'tensor')),  # the default
+])
+def test_pallas_under_shard_map_pairs_each_query_head_with_its_kv_head(rules):
+  """Per-shard kernels must see the kv heads their query heads use, whatever the kv_heads rule says."""
+  _require_pallas()
+  mesh = make_sharder(_tiny_cfg('xla', data=1, tensor=2), jax.devices()[:2]).mesh
+  sharder = Sharder(mesh, rules + (('batch', 'data'),))
+  q, k, v = _qkv(3, b=2, s=32, h=8, kv=2, d=16)
+  segments = jnp.asarray(np.repeat([[1] * 20 + [2] * 12], 2, axis=0), jnp.int32)
+  expected = attention_lib.xla_attention(q, k, v, segment_ids=segments)
+  got = jax.jit(lambda *a: attention_lib.attention(*a, segment_ids=segments, impl='pallas', sharder=sharder))(
+      q, k, v)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ Training and inference both come through here, so switching kernels is a config 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +60,14 @@ def _pallas_attention(q, k, v, *, segment_ids, causal, sharder):
   kernel = functools.partial(pallas_kernels.flash_attention, causal=causal)
   if sharder is None or sharder.mesh is None:
     return kernel(q, k, v, segment_ids=segment_ids)
-  # A pallas_call is opaque to GSPMD: run it per shard over the batch and head axes.
-  # Each shard must see whole sequences and whole heads: only batch and head sharding pass through.
-  q_spec, kv_spec = sharder.spec(('batch', None, 'heads', None)), sharder.spec(('batch', None, 'kv_heads', None))
+  # A pallas_call is opaque to GSPMD: run it per shard. Each shard must see whole sequences, and its kv heads
+  # must be exactly those its query heads use, so kv heads follow the query heads' split (whatever the
+  # 'kv_heads' rule says); where the kv heads cannot be split that way they are repeated up to one per query head.
+  q_spec = sharder.spec(('batch', None, 'heads', None))
+  head_axes = () if q_spec[2] is None else (q_spec[2],) if isinstance(q_spec[2], str) else tuple(q_spec[2])
+  if k.shape[2] % math.prod(sharder.mesh.shape[a] for a in head_axes):
+    k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+  kv_spec = q_spec
   seg_spec = sharder.spec(('batch', None))
   if segment_ids is None:
     fn = jax.shard_map(lambda q_, k_, v_: kernel(q_, k_, v_), mesh=sharder.mesh,
