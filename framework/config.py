@@ -125,11 +125,18 @@ def cudnn_supports(dtype: str, head_size: int) -> bool:
   return dtype in ('bfloat16', 'float16') and head_size % 8 == 0 and head_size <= 128
 
 
+def rule_axes(axes) -> tuple[str, ...]:
+  """A rule's mesh axes (None, one name or a sequence of names) as a tuple."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def shard_count(rules, sizes: dict[str, int], name: str) -> tuple[int, tuple[str, ...]]:
   """How many shards the first rule for logical axis `name` splits it into, and over which mesh axes."""
   for rule_name, axes in rules:
     if rule_name == name:
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      axes = rule_axes(axes)
       return math.prod(sizes[a] for a in axes), axes
   return 1, ()
 
@@ -211,9 +218,8 @@ def _check_rules(rules) -> None:
   except (TypeError, ValueError):
     _fail('mesh.axis_rules', 'must be a sequence of (logical_name, mesh_axes) pairs')
   for name, axes in pairs:
-    axes = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
-    for axis in axes:
-      if axis is not None and axis not in ICI_AXES:
+    for axis in rule_axes(axes):
+      if axis not in ICI_AXES:
         _fail('mesh.axis_rules', f'rule for {name!r} names mesh axis {axis!r}; mesh axes are {ICI_AXES}')
 
 

@@ -175,9 +175,10 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
       do_log = done % t.log_every == 0 or is_last
       do_eval = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
       do_save = checkpointer is not None and (done % cfg.checkpoint.every_steps == 0 or is_last or stopping)
-      if do_log or do_eval:
-        values = jax.device_get(metrics)
+      values = jax.device_get(metrics) if (do_log or do_eval or do_save) else None
+      if values is not None:
         _raise_if_diverged(done, values, last_saved, workdir)
+      if do_log or do_eval:
         record = {k: v for k, v in values.items() if k != 'finite'}
         if window_steps:  # steps timed since the last log / eval / save, compilation and those excluded
           elapsed = time.perf_counter() - window_start
@@ -191,7 +192,6 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
           _log_progress(done, steps, record, eta=(steps - done) * (time.perf_counter() - run_start) /
                         max(done - start - 1, 1))
       if do_save:
-        _raise_if_diverged(done, jax.device_get(metrics), last_saved, workdir)
         if checkpointer.save(done, state, {'next_step': done, 'seed': cfg.seed}, ckpt_lib.config_to_json(cfg),
                              force=True):
           last_saved = done

@@ -59,12 +59,6 @@ def _ici_grid(devices, ici: list[int]) -> np.ndarray:
   return mesh_utils.create_device_mesh(ici, devices)
 
 
-def _rule_axes(axes) -> tuple[str, ...]:
-  if axes is None:
-    return ()
-  return (axes,) if isinstance(axes, str) else tuple(axes)
-
-
 def logical_to_spec(names: Sequence[str | None] | None, rules) -> PartitionSpec:
   """PartitionSpec for an array whose dims carry `names`.
 
@@ -75,7 +69,7 @@ def logical_to_spec(names: Sequence[str | None] | None, rules) -> PartitionSpec:
     return PartitionSpec()
   table = {}
   for name, axes in rules:
-    table.setdefault(name, _rule_axes(axes))
+    table.setdefault(name, config_lib.rule_axes(axes))
   used: set[str] = set()
   spec = []
   for name in names:
@@ -111,10 +105,10 @@ class Sharder:
   def axis_size(self, names) -> int:
     """How many shards a dim named `names[0]` is split into."""
     entry = self.spec(names)[0]
-    return int(np.prod([self.mesh.shape[a] for a in _rule_axes(entry)])) if self.mesh is not None else 1
+    return int(np.prod([self.mesh.shape[a] for a in config_lib.rule_axes(entry)])) if self.mesh is not None else 1
 
 
 def make_sharder(cfg, devices: Sequence[jax.Device] | None = None) -> Sharder:
-  rules = tuple((name, axes if axes is None or isinstance(axes, str) else tuple(axes))
+  rules = tuple((name, axes if axes is None or isinstance(axes, str) else config_lib.rule_axes(axes))
                 for name, axes in cfg.mesh.axis_rules)
   return Sharder(make_mesh(cfg.mesh, devices), rules)

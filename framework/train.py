@@ -127,9 +127,6 @@ class Trainer:
     n = self.cfg.train.micro_batches
     micro = {k: split_micro_batches(v, n) for k, v in batch.items()}
     micro = {k: self.sharder.constrain(v, (None, 'batch', 'seq')) for k, v in micro.items()}
-    if n == 1:  # no loop and no zero-filled accumulator: XLA fuses the single pass better
-      grads, stats, per_micro = self._micro_grads(params, jax.tree.map(lambda x: x[0], micro))
-      return grads, stats, jax.tree.map(lambda x: x[None], per_micro)
     param_shardings = self.state_shardings.params
 
     def body(carry, mb):
@@ -138,10 +135,12 @@ class Trainer:
       grad_sum = jax.tree.map(jax.lax.with_sharding_constraint, grad_sum, param_shardings)
       return (grad_sum, jax.tree.map(jnp.add, carry[1], stats)), per_micro
 
-    stat_shapes = jax.eval_shape(lambda: self._micro_grads(params, jax.tree.map(lambda x: x[0], micro))[1])
-    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stat_shapes))
-    (grad_sum, stat_sum), per_micro = jax.lax.scan(body, zeros, micro)
+    # The first micro-batch seeds the sums (no zero-filled accumulator; with n == 1 there is no loop at all).
+    grads, stats, first = self._micro_grads(params, jax.tree.map(lambda x: x[0], micro))
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (grad_sum, stat_sum), later = jax.lax.scan(body, (grads, stats), rest) if n > 1 else ((grads, stats), None)
+    per_micro = jax.tree.map(lambda f, l: jnp.concatenate([f[None], l]), first, later) if n > 1 else (
+        jax.tree.map(lambda f: f[None], first))
     return grad_sum, stat_sum, per_micro
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:

@@ -5,7 +5,6 @@ Training and inference both come through here, so switching kernels is a config 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +63,7 @@ def _pallas_attention(q, k, v, *, segment_ids, causal, sharder):
   # must be exactly those its query heads use, so kv heads follow the query heads' split (whatever the
   # 'kv_heads' rule says); where the kv heads cannot be split that way they are repeated up to one per query head.
   q_spec = sharder.spec(('batch', None, 'heads', None))
-  head_axes = () if q_spec[2] is None else (q_spec[2],) if isinstance(q_spec[2], str) else tuple(q_spec[2])
-  if k.shape[2] % math.prod(sharder.mesh.shape[a] for a in head_axes):
+  if k.shape[2] % sharder.axis_size(('heads',)):
     k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
   kv_spec = q_spec
   seg_spec = sharder.spec(('batch', None))
