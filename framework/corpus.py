@@ -18,15 +18,19 @@ import json
 import logging
 import os
 import sysconfig
-import threading
 import time
 from typing import Any, Iterator
 
+import ml_collections
 import numpy as np
 
+from framework.permutation import keyed_permutation, splitmix64
 from framework.tokenizer import ByteTokenizer
 
 SOURCES = ("embedded", "text", "jsonl", "array")
+# Names the window-order algorithm (`keyed_permutation`); checkpoints record it, so a change to the order is a
+# change of data stream that a resume refuses. Bump it whenever the order changes.
+ORDER_VERSION = "keyed Feistel v1"
 # Directories of the standard library that hold tests or third-party code
 # rather than library source; they are skipped so the corpus is the same
 # whether or not a distribution ships its test suite.
@@ -66,8 +70,6 @@ class PackedStream:
     self._run_offsets = np.concatenate(
         [[0], np.cumsum(run_lengths, dtype=np.int64)])
     self._contiguous = (self._run_base.size == 1 and self._run_base[0] == 0)
-    self._perm_cache: dict[tuple[int, int, int], np.ndarray] = {}
-    self._lock = threading.Lock()
     self._token_range: tuple[int, int] | None = None
     # Byte-level sources set this; 'array' sources leave it to the data.
     self.vocab_size: int | None = None
@@ -102,19 +104,14 @@ class PackedStream:
             else len(self))
     return self.take(np.arange(self.doc_starts[index], stop))
 
-  def permutation(self, seed: int, epoch: int, n: int) -> np.ndarray:
-    """The window order of `epoch`: a pure function of (seed, epoch, n)."""
-    key = (seed, epoch, n)
-    with self._lock:
-      perm = self._perm_cache.get(key)
-    if perm is None:
-      perm = np.random.default_rng([seed, epoch]).permutation(n)
-      with self._lock:
-        # Two entries cover a batch straddling an epoch boundary.
-        while len(self._perm_cache) >= 2:
-          self._perm_cache.pop(next(iter(self._perm_cache)))
-        self._perm_cache[key] = perm
-    return perm
+  def permutation(self, seed: int, epoch: int, n: int,
+                  slots: np.ndarray | None = None) -> np.ndarray:
+    """The window order of `epoch`, or just its entries at `slots`.
+
+    See `keyed_permutation`; it depends on (seed, epoch, n) only, not on the
+    stream's tokens.
+    """
+    return keyed_permutation(seed, epoch, n, slots)
 
   def token_range(self) -> tuple[int, int]:
     """(min, max) id in the base array, scanned in chunks once and cached."""
@@ -158,6 +155,20 @@ def _document_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
 # --------------------------------------------------------------- validation
 
 
+def defaults() -> ml_collections.ConfigDict:
+  """The `data` config section."""
+  return ml_collections.ConfigDict(dict(
+      source="embedded",     # embedded | text | jsonl | array
+      path="",               # glob (text, jsonl) or .npy file (array)
+      jsonl_field="text",
+      bos_id=1,              # document start marker in 'array' sources
+      heldout_fraction=0.05,
+      max_corpus_bytes=16_000_000,
+      seq_len=256,
+      prefetch=2,
+  ))
+
+
 def _bad(field: str, message: str) -> ValueError:
   return ValueError(f"data.{field}: {message}")
 
@@ -173,7 +184,7 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _match_files(pattern: str) -> list[str]:
+def match_files(pattern: str) -> list[str]:
   """Files (not directories) matching `pattern`, sorted."""
   paths = glob.glob(os.path.expanduser(pattern), recursive=True)
   return sorted(p for p in paths if os.path.isfile(p))
@@ -252,7 +263,7 @@ def _check_path(cfg: Any, source: str) -> None:
   if not isinstance(path, str) or not path:
     raise _bad("path", f"got {path!r}; set it to a file or glob for "
                f"data.source={source!r}.")
-  files = _match_files(path)
+  files = match_files(path)
   if not files:
     example = {"text": "'/data/books/**/*.txt'", "jsonl": "'/data/*.jsonl'",
                "array": "'/data/tokens.npy'"}[source]
@@ -266,6 +277,12 @@ def _check_path(cfg: Any, source: str) -> None:
                  "data.source='array' reads one .npy file, set data.path "
                  "to it.")
     _check_array(files[0])
+
+
+def validate(cfg: Any, ctx: Any) -> None:
+  """The `data` section's checks, as framework.config composes them."""
+  del ctx
+  validate_data_config(cfg.data)
 
 
 def validate_data_config(cfg: Any) -> None:
@@ -288,7 +305,7 @@ def validate_data_config(cfg: Any) -> None:
 # ------------------------------------------------------------------ sources
 
 
-def _glob_root(pattern: str) -> str:
+def glob_root(pattern: str) -> str:
   """The directory part of `pattern` before its first wildcard.
 
   Identities are taken relative to it so that moving a whole dataset to
@@ -328,8 +345,8 @@ def _embedded_documents() -> Iterator[Document]:
 
 
 def _text_documents(pattern: str) -> Iterator[Document]:
-  root = _glob_root(pattern)
-  for path in _match_files(pattern):
+  root = glob_root(pattern)
+  for path in match_files(pattern):
     with open(path, "rb") as f:
       yield os.path.relpath(path, root), f.read()
 
@@ -349,8 +366,8 @@ def _jsonl_text(path: str, line_no: int, line: bytes, field: str) -> bytes:
 
 
 def _jsonl_documents(pattern: str, field: str) -> Iterator[Document]:
-  root = _glob_root(pattern)
-  for path in _match_files(pattern):
+  root = glob_root(pattern)
+  for path in match_files(pattern):
     rel = os.path.relpath(path, root)
     with open(path, "rb") as f:
       for line_no, line in enumerate(f):
@@ -387,13 +404,6 @@ def _pack(docs: list[bytes], name: str) -> PackedStream:
   return stream
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-  """A stable, well-mixed 64-bit hash of each integer, vectorised."""
-  z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-  return z ^ (z >> np.uint64(31))
-
 
 def _array_split(tokens: np.ndarray, starts: np.ndarray, select: np.ndarray,
                  name: str) -> PackedStream:
@@ -415,9 +425,9 @@ def _array_split(tokens: np.ndarray, starts: np.ndarray, select: np.ndarray,
 
 
 def _build_array(cfg: Any) -> tuple[PackedStream, PackedStream]:
-  tokens = np.load(_match_files(cfg.path)[0], mmap_mode="r")
+  tokens = np.load(match_files(cfg.path)[0], mmap_mode="r")
   starts = _document_starts(tokens, int(cfg.bos_id))
-  hashed = _splitmix64(np.arange(starts.size)) >> np.uint64(11)
+  hashed = splitmix64(np.arange(starts.size)) >> np.uint64(11)
   heldout = hashed < np.uint64(int(cfg.heldout_fraction * 2.0**53))
   return (_array_split(tokens, starts, ~heldout, "train"),
           _array_split(tokens, starts, heldout, "heldout"))

@@ -8,8 +8,12 @@ batch, split differently.
 
 How examples are drawn: the split's packed stream is cut into non-overlapping
 windows of seq_len + 1 tokens. Global example g = step * global_batch + row is
-window perm_e[g % n_windows] of epoch e = g // n_windows, where perm_e is a
-permutation seeded by (seed, e). Every window is used once per epoch.
+window perm_e[g % n_windows] of epoch e = g // n_windows, where perm_e is
+`permutation.keyed_permutation(seed, e, n_windows)`: a keyed Feistel network
+defined in this project (not NumPy's shuffle, whose stream may change between
+releases), so a seed's example order survives library upgrades. Only the
+batch's own entries of perm_e are computed, so any corpus size costs the same
+per step. Every window is used once per epoch.
 
 Typical use:
 
@@ -80,7 +84,7 @@ def _window_starts(stream: PackedStream, examples: np.ndarray, seed: int,
   # A batch spans few epochs (usually one), so this loop is short.
   for epoch in np.unique(epochs):
     mask = epochs == epoch
-    windows[mask] = stream.permutation(seed, int(epoch), n)[slots[mask]]
+    windows[mask] = stream.permutation(seed, int(epoch), n, slots[mask])
   return windows * (seq_len + 1)
 
 

@@ -4,19 +4,25 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import tempfile
 import threading
 import time
 from typing import Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
 from framework import checkpoint as ckpt_lib
 from framework import config as config_lib
 from framework import data as data_lib
+from framework import data_identity
 from framework import metrics as metrics_lib
+from framework import optim
 from framework.mesh import make_sharder
+from framework.models import config as model_config
 from framework.models.transformer import num_params
 from framework.train import Trainer
 
@@ -39,29 +45,74 @@ def evaluate(trainer: Trainer, params, heldout, cfg) -> dict[str, float]:
   return {'eval_loss': loss, 'eval_bits_per_token': loss / np.log(2)}
 
 
-# Fields that change the saved arrays' shapes or tree structure; anything else (compute dtype, remat, attention
-# kernel, learning rate, ...) may change between a save and a resume.
-_STRUCTURE_FIELDS = ('model.vocab_size', 'model.d_model', 'model.n_layers', 'model.n_heads', 'model.n_kv_heads',
-                     'model.d_ff', 'model.tie_embeddings', 'model.param_dtype', 'optim.name')
+def _missing_fields(saved: dict, schema, prefix: str = '') -> list[str]:
+  missing = []
+  for key in schema.keys():
+    if key not in saved:
+      missing.append(f'{prefix}{key}')
+    elif isinstance(schema[key], ml_collections.ConfigDict) and isinstance(saved[key], dict):
+      missing += _missing_fields(saved[key], schema[key], f'{prefix}{key}.')
+  return missing
 
 
-def _structure(cfg_json: dict) -> dict:
-  values = {f: cfg_json[f.split('.')[0]][f.split('.')[1]] for f in _STRUCTURE_FIELDS}
-  model = cfg_json['model']
-  values['model.head_dim'] = model['head_dim'] or model['d_model'] // model['n_heads']
-  values['optim.grad_clip (on/off)'] = bool(cfg_json['optim']['grad_clip'])
-  return values
+def _structure(cfg) -> dict:
+  """The fields that fix the saved state's shapes and tree; anything else (compute dtype, remat, attention
+  kernel, learning rate, ...) may change between a save and a resume."""
+  return {**model_config.structure(cfg.model), **optim.structure(cfg.optim)}
 
 
-def _check_saved_model(checkpointer, step: int, cfg) -> None:
-  """Refuses, with the fields named, a resume whose state would not fit the checkpoint."""
-  saved = _structure(checkpointer.saved_config(step))
-  current = _structure(ckpt_lib.config_to_json(cfg))
-  diff = {k: (saved[k], v) for k, v in current.items() if saved[k] != v}
+def check_resume(checkpointer, step: int, cfg, data_record: dict, allow_data_change: bool = False) -> None:
+  """Refuses, with the fields named, a resume whose state would not fit the checkpoint or whose data stream is
+  not the one the checkpoint's data position counts. Reads only the checkpoint's JSON items: nothing compiles."""
+  where = f'The checkpoint at step {step} in {checkpointer.directory}'
+  saved_json = checkpointer.saved_json(step, 'config')
+  missing = _missing_fields(saved_json, config_lib.defaults())
+  try:
+    saved = _structure(ml_collections.ConfigDict(saved_json))
+  except (AttributeError, KeyError):
+    needed = [f for f in missing if f.split('.')[0] in ('model', 'optim')]
+    raise ValueError(f'{where} saved a config that lacks fields this version needs to check the resume '
+                     f'({", ".join(needed or missing)}); resume with the batchax version that wrote it, or start '
+                     'a new --workdir') from None
+  if missing:
+    logging.warning('%s saved a config without %s (an older batchax); they take their current values',
+                    where, ', '.join(missing))
+  current = _structure(cfg)
+  diff = [f'{k}: checkpoint {saved.get(k, "(n/a)")!r} vs config {current.get(k, "(n/a)")!r}'
+          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
   if diff:
-    fields = ', '.join(f'{k}: checkpoint {a!r} vs config {b!r}' for k, (a, b) in diff.items())
-    raise ValueError(f'The checkpoint at step {step} in {checkpointer.directory} was written with a different '
-                     f'model or optimizer ({fields}); use a new --workdir or the checkpoint\'s settings')
+    raise ValueError(f'{where} was written with a different model or optimizer ({"; ".join(diff)}); use a new '
+                     '--workdir or the checkpoint\'s settings')
+  data_diff = data_identity.differences(checkpointer.saved_json(step, 'data').get('stream'), data_record)
+  if data_diff and not allow_data_change:
+    raise ValueError(f'{where} counted its data position in a different data stream ({"; ".join(data_diff)}); '
+                     'restore the data settings, use a new --workdir, or pass --allow_data_change to resume '
+                     'on the new stream knowingly')
+  if data_diff:
+    logging.warning('RESUMING ON A DIFFERENT DATA STREAM (--allow_data_change): %s. Step %d of the new stream '
+                    'is not the example the checkpoint would have seen next.', '; '.join(data_diff), step)
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir that cannot hold checkpoints fails now, in one line, not at the first save."""
+  if '://' in workdir:
+    raise ValueError(f'--workdir {workdir!r}: remote paths are not supported yet; use a local or mounted path '
+                     '(e.g. a gcsfuse mount)')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'--workdir {workdir!r} is a file, not a directory; pass a directory (it is created if '
+                     'missing)')
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f'--workdir {workdir!r}: {existing} is a file, so the directory cannot be created; choose '
+                     'another path')
+  try:  # permission bits do not tell (root, read-only mounts): try a real write
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as e:
+    raise ValueError(f'--workdir {workdir!r}: cannot write in {existing} ({e.strerror}); choose a writable '
+                     'directory or fix its permissions') from None
 
 
 def _raise_if_diverged(step: int, metrics: dict, last_saved: int | None, directory: str) -> None:
@@ -104,35 +155,46 @@ def _log_progress(done: int, steps: int, record: dict, eta: float) -> None:
                evaluation, record['lr'], record['grad_norm'], speed, metrics_lib.format_duration(eta))
 
 
-def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dict:
-  """Trains `cfg` in `workdir`, resuming from its latest complete checkpoint. Returns the last logged metrics."""
-  if '://' in workdir:
-    raise ValueError(f'--workdir {workdir!r}: remote paths are not supported yet; use a local or mounted path '
-                     '(e.g. a gcsfuse mount)')
+def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
+          allow_data_change: bool = False) -> dict:
+  """Trains `cfg` in `workdir`, resuming from its latest complete checkpoint. Returns the last logged metrics.
+
+  Everything a user can get wrong (the config, the workdir, the data, a checkpoint that does not fit) is
+  refused with a ValueError before anything compiles. `allow_data_change` resumes on a data stream other than
+  the checkpoint's, with a loud warning.
+  """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
+  check_workdir(workdir)
   train_data, heldout = data_lib.load_splits(cfg.data)
   for split in (train_data, heldout):
     data_lib.check_vocab(split, cfg.model.vocab_size)
+  data_record = data_identity.describe(cfg, train_data, heldout)
+  data_identity.check_processes_agree(data_record)
 
-  trainer = Trainer(cfg, make_sharder(cfg, devices))
-  data_shard = trainer.data_shard()
+  checkpointer, latest = None, None
+  if cfg.checkpoint.enabled:
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+      try:
+        check_resume(checkpointer, latest, cfg, data_record, allow_data_change)
+      except ValueError:
+        checkpointer.close()
+        raise
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       json.dump(ckpt_lib.config_to_json(cfg), f, indent=2)
 
-  checkpointer = None
+  trainer = Trainer(cfg, make_sharder(cfg, devices))
+  data_shard = trainer.data_shard()
   state, start = None, 0
-  if cfg.checkpoint.enabled:
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      _check_saved_model(checkpointer, latest, cfg)
-      state, data_state = checkpointer.restore(latest, trainer.abstract_state)
-      start = int(data_state['next_step'])
-      logging.info('Resumed from %s/%d (data position: step %d)', checkpointer.directory, latest, start)
-  if state is None:
+  if latest is not None:
+    state, data_state = checkpointer.restore(latest, trainer.abstract_state)
+    start = int(data_state['next_step'])
+    logging.info('Resumed from %s/%d (data position: step %d)', checkpointer.directory, latest, start)
+  else:
     state = trainer.init(jax.random.key(cfg.seed))
 
   steps, t = cfg.train.steps, cfg.train
@@ -192,8 +254,8 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
           _log_progress(done, steps, record, eta=(steps - done) * (time.perf_counter() - run_start) /
                         max(done - start - 1, 1))
       if do_save:
-        if checkpointer.save(done, state, {'next_step': done, 'seed': cfg.seed}, ckpt_lib.config_to_json(cfg),
-                             force=True):
+        if checkpointer.save(done, state, {'next_step': done, 'seed': cfg.seed, 'stream': data_record},
+                             ckpt_lib.config_to_json(cfg), force=True):
           last_saved = done
       if do_log or do_eval or do_save:
         window_start, window_steps = time.perf_counter(), 0
@@ -203,10 +265,18 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None) -> dic
         break
     if pending is not None:
       _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
+    if checkpointer:
+      checkpointer.wait()  # success means the last checkpoint is on disk
   finally:
+    in_flight = sys.exc_info()[1]  # the error (if any) that brought us here
     stop.restore()
     batches.close()
     writer.close()
     if checkpointer:
-      checkpointer.close()
+      try:
+        checkpointer.close()
+      except Exception:  # pylint: disable=broad-except
+        if in_flight is None:
+          raise
+        logging.exception('Closing the checkpointer failed too, while handling: %s', in_flight)
   return {'step': done, **record}

@@ -6,16 +6,118 @@ never mention mesh axes.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from typing import Any, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from framework import config as config_lib
+from framework.config_checks import fail
+from framework.models.axes import LOGICAL_AXES
 
-MESH_AXES = config_lib.ICI_AXES  # outermost (DCN-friendly) to innermost (fastest links)
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')  # outermost (DCN-friendly) to innermost (fastest links)
+
+# Logical axis name -> mesh axes. Parameters use 'embed' (FSDP-sharded); activations use 'act_embed' so the
+# batch can take the fsdp axis without colliding with the parameter rule.
+DEFAULT_AXIS_RULES = (
+    ('batch', ('data', 'fsdp', 'expert')),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('layers', None),
+    ('seq', None),
+    ('head_dim', None),
+    ('act_embed', None),
+)
+
+
+# --- the `mesh` config section ---------------------------------------------------------------------------------
+
+
+def defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      data=-1, fsdp=1, expert=1, tensor=1,              # ICI sizes; -1 fills with the remaining devices
+      dcn_data=1, dcn_fsdp=1, dcn_expert=1, dcn_tensor=1,  # across slices / hosts (multi-slice)
+      axis_rules=DEFAULT_AXIS_RULES,
+  ))
+
+
+def rule_axes(axes) -> tuple[str, ...]:
+  """A rule's mesh axes (None, one name or a sequence of names) as a tuple."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def shard_count(rules, sizes: dict[str, int], name: str) -> tuple[int, tuple[str, ...]]:
+  """How many shards the first rule for logical axis `name` splits it into, and over which mesh axes."""
+  for rule_name, axes in rules:
+    if rule_name == name:
+      axes = rule_axes(axes)
+      return math.prod(sizes[a] for a in axes), axes
+  return 1, ()
+
+
+def mesh_sizes(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """ICI size per mesh axis (after filling -1) times its DCN size; raises on sizes that do not fit."""
+  dcn = {a: mesh_cfg[f'dcn_{a}'] for a in MESH_AXES}
+  for axis, size in dcn.items():
+    if size < 1:
+      fail(f'mesh.dcn_{axis}', f'must be >= 1, got {size}')
+  n_dcn = math.prod(dcn.values())
+  if num_devices % n_dcn:
+    fail('mesh.dcn_*', f'the DCN sizes multiply to {n_dcn}, which does not divide the {num_devices} devices')
+  per_slice = num_devices // n_dcn
+  ici = {a: mesh_cfg[a] for a in MESH_AXES}
+  fill = [a for a, s in ici.items() if s == -1]
+  for axis, size in ici.items():
+    if size == 0 or size < -1:
+      fail(f'mesh.{axis}', f'must be >= 1 or -1 (fill), got {size}')
+  if len(fill) > 1:
+    fail(f'mesh.{fill[1]}', f'only one axis may be -1, got -1 for {fill}')
+  known = math.prod(s for s in ici.values() if s != -1)
+  if fill:
+    if per_slice % known:
+      fail(f'mesh.{fill[0]}', f'cannot fill: the other ICI axes multiply to {known}, which does not divide '
+           f'{per_slice} devices per slice')
+    ici[fill[0]] = per_slice // known
+  elif known != per_slice:
+    sizes = ' x '.join(f'{a}={s}' for a, s in ici.items())
+    fail('mesh', f'ICI sizes {sizes} multiply to {known} but there are {per_slice} devices per slice '
+         f'({num_devices} devices / {n_dcn} DCN); set one axis to -1 to fill, or fix the sizes')
+  return {a: ici[a] * dcn[a] for a in MESH_AXES}
+
+
+def check_rules(rules) -> None:
+  """Each rule maps a logical name some model uses to real mesh axes."""
+  try:
+    pairs = [(name, axes) for name, axes in rules]
+  except (TypeError, ValueError):
+    fail('mesh.axis_rules', 'must be a sequence of (logical_name, mesh_axes) pairs')
+  for name, axes in pairs:
+    if name not in LOGICAL_AXES:
+      close = difflib.get_close_matches(str(name), LOGICAL_AXES, n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ''
+      fail('mesh.axis_rules', f'rule for {name!r}: no model uses that logical axis name, so the rule would shard '
+           f'nothing; {hint}the names are {tuple(LOGICAL_AXES)}')
+    for axis in rule_axes(axes):
+      if axis not in MESH_AXES:
+        fail('mesh.axis_rules', f'rule for {name!r} names mesh axis {axis!r}; mesh axes are {MESH_AXES}')
+
+
+def validate(cfg, num_devices: int) -> dict[str, int]:
+  """Checks the rules and the sizes; returns the resolved size of each mesh axis."""
+  check_rules(cfg.mesh.axis_rules)
+  return mesh_sizes(cfg.mesh, num_devices)
+
+
+# --- meshes and shardings ------------------------------------------------------------------------------------
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -26,7 +128,7 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   DCN part outermost, so only the DCN-split axes cross the slow links.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = config_lib.mesh_sizes(mesh_cfg, len(devices))
+  sizes = mesh_sizes(mesh_cfg, len(devices))
   dcn = [mesh_cfg[f'dcn_{a}'] for a in MESH_AXES]
   ici = [sizes[a] // d for a, d in zip(MESH_AXES, dcn)]
   granules = _granules(devices, int(np.prod(dcn)))
@@ -69,7 +171,7 @@ def logical_to_spec(names: Sequence[str | None] | None, rules) -> PartitionSpec:
     return PartitionSpec()
   table = {}
   for name, axes in rules:
-    table.setdefault(name, config_lib.rule_axes(axes))
+    table.setdefault(name, rule_axes(axes))
   used: set[str] = set()
   spec = []
   for name in names:
@@ -105,10 +207,10 @@ class Sharder:
   def axis_size(self, names) -> int:
     """How many shards a dim named `names[0]` is split into."""
     entry = self.spec(names)[0]
-    return int(np.prod([self.mesh.shape[a] for a in config_lib.rule_axes(entry)])) if self.mesh is not None else 1
+    return int(np.prod([self.mesh.shape[a] for a in rule_axes(entry)])) if self.mesh is not None else 1
 
 
 def make_sharder(cfg, devices: Sequence[jax.Device] | None = None) -> Sharder:
-  rules = tuple((name, axes if axes is None or isinstance(axes, str) else config_lib.rule_axes(axes))
+  rules = tuple((name, axes if axes is None or isinstance(axes, str) else rule_axes(axes))
                 for name, axes in cfg.mesh.axis_rules)
   return Sharder(make_mesh(cfg.mesh, devices), rules)

@@ -11,15 +11,44 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import optim
-from framework.mesh import Sharder
+from framework.config_checks import Context, fail, non_negative, positive
+from framework.mesh import Sharder, shard_count
 from framework.models.layers import ModelConfig
 from framework.models.transformer import Transformer, flops_per_token
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+# --- the `train` config section --------------------------------------------------------------------------------
+
+
+def defaults() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      steps=200,
+      batch_size=16,         # global, in sequences
+      micro_batches=1,       # gradient accumulation
+      z_loss=1e-4,
+      log_every=10,
+      eval_every=100,        # 0: never
+      eval_batches=4,
+      micro_grad_norms=False,  # log each micro-batch's gradient norm
+  ))
+
+
+def validate(cfg, ctx: Context) -> None:
+  t = cfg.train
+  positive(t, 'train', 'steps', 'batch_size', 'micro_batches', 'log_every', 'eval_batches')
+  non_negative(t, 'train', 'eval_every', 'z_loss')
+  dp, dp_axes = shard_count(ctx.rules, ctx.sizes, 'batch')
+  unit = dp * t.micro_batches
+  if t.batch_size % unit:
+    fail('train.batch_size', f'{t.batch_size} is not divisible by the batch shards ({" x ".join(dp_axes) or "1"} '
+         f'= {dp}) x train.micro_batches ({t.micro_batches}) = {unit}; use a multiple of {unit}')
 
 
 @flax.struct.dataclass

@@ -120,9 +120,9 @@ def kernels_suite(quick: bool) -> None:
 
 def main(argv):
   del argv
-  runtime_flags.apply()
+  runtime_flags.exit_on_user_error(runtime_flags.apply)
   if _SUITE.value in ('train', 'all'):
-    train_suite(_CONFIG.value)
+    runtime_flags.exit_on_user_error(train_suite, _CONFIG.value)
   if _SUITE.value in ('kernels', 'all'):
     kernels_suite(_QUICK.value)
 

@@ -1,9 +1,14 @@
-"""Flags that set up the runtime before jax starts: fake CPU devices and multi-process jobs."""
+"""Flags that set up the runtime before jax starts (fake CPU devices, multi-process jobs), and the launchers'
+rule for errors a user can cause: one line on stderr, not a traceback."""
 import re
 import sys
 
 import jax
-from absl import flags
+from absl import flags, logging
+
+# What a user's input can raise: bad config or flags (ValueError), paths (OSError), and whatever else a
+# launcher adds (e.g. framework.loop.NonFiniteLossError).
+USER_ERRORS = (ValueError, OSError)
 
 CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', 0, 'Run on N fake CPU devices (jax_num_cpu_devices) instead of the default backend; 0: off.')
@@ -26,6 +31,16 @@ def apply() -> None:
   distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                          process_id=PROCESS_ID.value, auto=DISTRIBUTED_AUTO.value,
                          timeout_s=DISTRIBUTED_TIMEOUT.value)
+
+
+def exit_on_user_error(fn, *args, errors: tuple = (), **kwargs):
+  """Runs fn; an error from USER_ERRORS + `errors` exits with one line `error: ...` (the traceback goes to the
+  log at verbosity 1, for bug reports)."""
+  try:
+    return fn(*args, **kwargs)
+  except USER_ERRORS + tuple(errors) as e:
+    logging.vlog(1, 'traceback of the error below', exc_info=True)
+    sys.exit(f'error: {" ".join(str(e).splitlines())}')
 
 
 def parse_flags(argv):

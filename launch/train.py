@@ -6,7 +6,6 @@
 Rerunning the same command resumes from the latest complete checkpoint in WORKDIR/checkpoints.
 """
 import logging as py_logging
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -16,6 +15,9 @@ from launch import runtime_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg) -> ConfigDict).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl and TensorBoard.')
+_ALLOW_DATA_CHANGE = flags.DEFINE_bool(
+    'allow_data_change', False, 'Resume even though the data stream (files, seq_len, seed, ...) differs from the '
+    "checkpoint's; the data position then points into the new stream. Logged as a warning.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -28,13 +30,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_only_our_info)
-  runtime_flags.apply()
+  runtime_flags.exit_on_user_error(runtime_flags.apply)
   from framework import loop  # pylint: disable=g-import-not-at-top  (after the device flags take effect)
-  try:
-    summary = loop.train(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, loop.NonFiniteLossError) as e:
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+  summary = runtime_flags.exit_on_user_error(loop.train, _CONFIG.value, _WORKDIR.value,
+                                             allow_data_change=_ALLOW_DATA_CHANGE.value,
+                                             errors=(loop.NonFiniteLossError,))
   logging.info('Done: %s', {k: round(float(v), 4) for k, v in summary.items() if k in ('step', 'loss', 'eval_loss')})
 
 

@@ -4,10 +4,14 @@
   same logged losses (the data position is restored, not restarted).
 - A state saved on 8 devices (data=2, fsdp=2, tensor=2) restores onto 4 devices and onto 1 with identical values
   and the new mesh's shardings.
-- A step directory without Orbax's commit file, or a bare junk one, is moved aside with a warning and the
-  latest complete step is restored.
+- A step directory Orbax did not finish (no commit_success.txt, an unfinished rename, a missing item), or a bare
+  junk one, is moved aside with a warning; a leftover N.orbax-checkpoint-tmp is never taken for step N; the latest
+  complete step is restored. A finished in-place (commit-file) step counts as complete.
+- Retention keeps exactly the newest keep_last steps plus every keep_every-th; train() returns only after its
+  last asynchronous save is committed on disk.
 - A diverging run raises NonFiniteLossError; every checkpoint left on disk is finite, and so is every logged loss.
 """
+import asyncio
 import glob
 import json
 import logging
@@ -18,6 +22,7 @@ import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from framework import checkpoint as ckpt_lib
@@ -212,40 +217,157 @@ class _Records(logging.Handler):
     self.messages.append(record.getMessage())
 
 
-@pytest.mark.parametrize('damage', ['no_commit_file', 'no_state_metadata', 'bare_junk'])
-def test_incomplete_step_is_moved_aside(saved_on_8, tmp_path, damage):
+def _commit_file_save(directory: str, step: int, host_state, data_state: dict) -> str:
+  """Step `step` written by Orbax itself the way it writes where rename is not atomic: in place, no tmp name,
+  commit_success.txt last (CommitFileTemporaryPath)."""
+  options = ocp.CheckpointManagerOptions(create=True, atomicity_options=ocp.options.AtomicityOptions(
+      mode=ocp.options.AtomicityMode.COMMIT_FILE))
+  manager = ocp.CheckpointManager(directory, options=options, item_names=ckpt_lib.ITEMS)
+  manager.save(step, force=True, args=ocp.args.Composite(state=ocp.args.StandardSave(host_state),
+                                                         data=ocp.args.JsonSave(data_state),
+                                                         config=ocp.args.JsonSave({})))
+  manager.close()
+  path = os.path.join(directory, str(step))
+  assert not glob.glob(path + '.orbax-checkpoint-tmp*')
+  return path
+
+
+def _damage(directory: str, damage: str, states) -> str:
+  """Leaves step 7 (or junk 999) as a crash or an accident would, next to the complete steps 2 and 5."""
+  five, seven = os.path.join(directory, '5'), os.path.join(directory, '7')
+  if damage == 'bare_junk':
+    os.makedirs(os.path.join(directory, '999'))
+    with open(os.path.join(directory, '999', 'junk'), 'w', encoding='utf-8') as f:
+      f.write('not a checkpoint')
+    return os.path.join(directory, '999')
+  if damage == 'in_place_no_marker':  # an in-place write cut off before its last file
+    os.remove(os.path.join(_commit_file_save(directory, 7, states[5], {'next_step': 5, 'seed': 0}),
+                           'commit_success.txt'))
+    return seven
+  if damage == 'tmp_dir':  # killed between Orbax's marker and its rename: complete, but never renamed
+    shutil.copytree(five, seven + '.orbax-checkpoint-tmp')
+    return seven + '.orbax-checkpoint-tmp'
+  shutil.copytree(five, seven)
+  if damage == 'unfinished_rename':  # a copy-then-delete rename cut off: the source is still there
+    shutil.copytree(os.path.join(five, 'state'), os.path.join(seven + '.orbax-checkpoint-tmp', 'state'))
+  elif damage == 'no_state_metadata':
+    os.remove(os.path.join(seven, 'state', '_METADATA'))
+  elif damage == 'missing_item':
+    shutil.rmtree(os.path.join(seven, 'data'))
+  return seven
+
+
+@pytest.mark.parametrize('damage', ['in_place_no_marker', 'unfinished_rename', 'no_state_metadata', 'missing_item',
+                                    'bare_junk', 'tmp_dir'])
+def test_incomplete_step_is_never_listed_or_restored(saved_on_8, tmp_path, damage):
   source, states = saved_on_8
   directory = str(tmp_path / 'checkpoints')
   shutil.copytree(source, directory)
-  bad = os.path.join(directory, '7' if damage != 'bare_junk' else '999')
-  if damage == 'bare_junk':
-    os.makedirs(bad)
-    with open(os.path.join(bad, 'junk'), 'w', encoding='utf-8') as f:
-      f.write('not a checkpoint')
-  else:
-    shutil.copytree(os.path.join(directory, '5'), bad)  # a later step, then damaged
-    os.remove(os.path.join(bad, '_CHECKPOINT_METADATA' if damage == 'no_commit_file' else 'state/_METADATA'))
+  bad = _damage(directory, damage, states)
 
   # absl logs through the 'absl' Python logger; a handler on it sees the warning whatever pytest captures.
   records = _Records()
   logging.getLogger('absl').addHandler(records)
   try:
     cfg = small_config(data=1)
+    abstract = Trainer(cfg, make_sharder(cfg, jax.devices()[:1])).abstract_state
     checkpointer = ckpt_lib.Checkpointer(directory, cfg.checkpoint)
     try:
-      latest = checkpointer.latest_step()
-      state, _ = checkpointer.restore(latest, Trainer(cfg, make_sharder(cfg, jax.devices()[:1])).abstract_state)
+      assert checkpointer.all_steps() == [2, 5] and checkpointer.latest_step() == 5
+      state, _ = checkpointer.restore(5, abstract)
+      with pytest.raises(ValueError, match='incomplete'):
+        checkpointer.restore(7, abstract)
     finally:
       checkpointer.close()
   finally:
     logging.getLogger('absl').removeHandler(records)
 
-  assert latest == 5
   assert_trees_equal(jax.device_get(state), states[5])
-  name = os.path.basename(bad)
-  assert not os.path.exists(bad)
-  assert len(glob.glob(os.path.join(directory, f'incomplete-{name}-*'))) == 1
-  assert any('incomplete' in m and bad in m for m in records.messages), records.messages
+  quarantined = glob.glob(os.path.join(directory, 'incomplete-*'))
+  if damage == 'tmp_dir':  # not a step at all: left to Orbax's tmp cleanup, never moved aside
+    assert quarantined == []
+  else:
+    assert not os.path.exists(bad)
+    assert quarantined == glob.glob(os.path.join(directory, f'incomplete-{os.path.basename(bad)}-*'))
+    assert len(quarantined) == 1
+    assert any('incomplete' in m and bad in m for m in records.messages), records.messages
+
+
+def test_complete_in_place_step_is_restored(saved_on_8, tmp_path):
+  """The other half of the rule above: Orbax's commit-file protocol, finished, counts as complete."""
+  source, states = saved_on_8
+  directory = str(tmp_path / 'checkpoints')
+  shutil.copytree(source, directory)
+  _commit_file_save(directory, 7, states[2], {'next_step': 2, 'seed': 0})
+  cfg = small_config(data=1)
+  checkpointer = ckpt_lib.Checkpointer(directory, cfg.checkpoint)
+  try:
+    assert checkpointer.all_steps() == [2, 5, 7]
+    state, _ = checkpointer.restore(7, Trainer(cfg, make_sharder(cfg, jax.devices()[:1])).abstract_state)
+  finally:
+    checkpointer.close()
+  assert_trees_equal(jax.device_get(state), states[2])
+
+
+def test_leftover_tmp_directory_is_cleaned_up(saved_on_8, tmp_path):
+  source, states = saved_on_8
+  directory = str(tmp_path / 'checkpoints')
+  shutil.copytree(source, directory)
+  tmp = _damage(directory, 'tmp_dir', states)
+  cfg = small_config(data=1)
+  checkpointer = ckpt_lib.Checkpointer(directory, cfg.checkpoint)
+  try:
+    # A save of another step: only the cleanup of unfinished saves (which the save waits for) removes step 7's.
+    checkpointer.save(8, states[2], {'next_step': 2, 'seed': 0}, {}, force=True)
+  finally:
+    checkpointer.close()
+  assert not os.path.exists(tmp)
+  assert sorted(os.listdir(directory)) == ['2', '5', '8']
+
+
+# --- retention and commit --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('steps,every,keep_last,keep_every', [(10, 1, 3, 0), (12, 1, 3, 5), (11, 2, 2, 4)])
+def test_retention(tmp_path, steps, every, keep_last, keep_every):
+  cfg = small_config()
+  cfg.checkpoint.update(keep_last=keep_last, keep_every=keep_every)
+  directory = str(tmp_path / 'checkpoints')
+  saved = [s for s in range(1, steps + 1) if s % every == 0 or s == steps]  # loop.train's save points
+  checkpointer = ckpt_lib.Checkpointer(directory, cfg.checkpoint)
+  try:
+    for step in saved:
+      checkpointer.save(step, {'w': np.full((4,), step, np.float32)}, {'next_step': step}, {}, force=True)
+  finally:
+    checkpointer.close()
+  # The newest keep_last saves, and every multiple of keep_every whether or not it is among them.
+  expected = set(saved[-keep_last:]) | {s for s in saved if keep_every and s % keep_every == 0}
+  on_disk = {int(n) for n in os.listdir(directory) if n.isdigit()}
+  assert on_disk == expected, (sorted(on_disk), sorted(expected))
+  assert len(expected) > keep_last or not keep_every  # the keep_every cases really keep extra steps
+  assert not glob.glob(os.path.join(directory, '*.orbax-checkpoint-tmp*'))
+
+
+def test_train_returns_after_the_last_save_is_committed(tmp_path, text_glob, monkeypatch):
+  """With Orbax's commit held back a second, the final step must still be complete when train() returns."""
+  original = ocp.path.atomicity.AtomicRenameTemporaryPath.finalize
+  finalized = []
+
+  async def slow_finalize(self):
+    await asyncio.sleep(1.0)
+    await original(self)
+    finalized.append(os.path.basename(str(self.get_final())))
+
+  monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, 'finalize', slow_finalize)
+  workdir = str(tmp_path / 'run')
+  cfg = loop_config(text_glob, train__steps=3, train__eval_every=0, checkpoint__async_save=True)
+  loop.train(cfg, workdir)
+  final = os.path.join(workdir, 'checkpoints', '3')
+  assert '3' in finalized  # the step's own commit ran through the slowed path...
+  # ...and was on disk before train() returned: renamed into place, with Orbax's marker.
+  assert os.listdir(os.path.join(workdir, 'checkpoints')) == ['3']
+  assert os.path.isfile(os.path.join(final, 'commit_success.txt'))
+  assert os.path.isfile(os.path.join(final, 'state', '_METADATA'))
 
 
 # --- divergence ----------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def from_dict(**changes):
   """A config rebuilt from plain dicts, so values of the wrong type get past ConfigDict's own type checks."""
   d = tiny().to_dict()
   for dotted, value in changes.items():
+    if '.' not in dotted:
+      d[dotted] = value
+      continue
     section, key = dotted.split('.')
     d[section][key] = value
   return ml_collections.ConfigDict(d)
@@ -57,6 +60,9 @@ def test_tiny_base_is_valid():
 def _set(**changes):
   cfg = tiny()
   for dotted, value in changes.items():
+    if '.' not in dotted:
+      cfg[dotted] = value
+      continue
     section, key = dotted.split('.')
     cfg[section][key] = value
   return cfg
@@ -79,7 +85,19 @@ BAD = {
                      'no file matches'),
     'unknown_key': (lambda: with_extra_key('train', 'bach_size', 3), 'train.bach_size', 'unknown config key'),
     'unknown_section': (lambda: _set_section('trian'), 'trian', 'unknown config key'),
-    'wrong_type_str': (lambda: from_dict(**{'train.steps': 'ten'}), 'train.steps', 'number'),
+    'wrong_type_str': (lambda: from_dict(**{'train.steps': 'ten'}), 'train.steps', 'integer'),
+    'wrong_type_str_float_field': (lambda: from_dict(**{'optim.lr': 'fast'}), 'optim.lr', 'number'),
+    'axis_rule_typo': (lambda: _set(**{'mesh.axis_rules': (('batch', 'data'), ('head', 'tensor'))}),
+                       'mesh.axis_rules', "did you mean 'heads'"),
+    'axis_rule_unknown': (lambda: _set(**{'mesh.axis_rules': (('batch', 'data'), ('widgets', 'tensor'))}),
+                          'mesh.axis_rules', 'no model uses'),
+    'axis_rule_mesh_axis': (lambda: _set(**{'mesh.axis_rules': (('batch', 'dp'),)}), 'mesh.axis_rules', "'dp'"),
+    'negative_seed': (lambda: _set(seed=-1), 'config seed', 'out of range'),
+    'huge_seed': (lambda: _set(seed=2**40), 'config seed', 'out of range'),
+    'float_seed': (lambda: from_dict(seed=1.5), 'config seed', 'integer'),
+    'integral_float_seed': (lambda: from_dict(seed=2.0), 'config seed', 'integer'),
+    'negative_grad_clip': (lambda: _set(**{'optim.grad_clip': -1.0}), 'optim.grad_clip', '>= 0'),
+    'zero_eps': (lambda: _set(**{'optim.eps': 0.0}), 'optim.eps', '> 0'),
     'wrong_type_float': (lambda: from_dict(**{'train.batch_size': 16.5}), 'train.batch_size', 'integer'),
     'wrong_type_bool': (lambda: from_dict(**{'model.tie_embeddings': 'yes'}), 'model.tie_embeddings', 'True or False'),
     'remat_policy': (lambda: _set(**{'model.remat_policy': 'some'}), 'model.remat_policy', 'not one of'),

@@ -9,6 +9,7 @@ import pytest
 
 from framework import corpus
 from framework import data
+from framework import permutation
 from framework.tokenizer import ByteTokenizer
 
 BOS = ByteTokenizer.BOS_ID
@@ -88,11 +89,14 @@ def test_determinism_and_steps_differ(stream):
 
 def test_resume_matches_uninterrupted_run():
   kw = dict(seed=3, global_batch=8, seq_len=32)
-  s = corpus.PackedStream.from_tokens(random_stream())
+  # 700 tokens make 21 windows: the 56 examples below span epochs 0-2, and
+  # the resume at step 4 starts mid-epoch 1.
+  s = corpus.PackedStream.from_tokens(random_stream(n_tokens=700))
+  assert s.num_windows(32) == 21
   with data.DataIterator(s, prefetch=2, **kw) as it:
-    run = [next(it) for _ in range(7)]  # Crosses several epochs' caches.
+    run = [next(it) for _ in range(7)]
     assert it.state() == {"next_step": 7, "seed": 3}
-  fresh = corpus.PackedStream.from_tokens(random_stream())
+  fresh = corpus.PackedStream.from_tokens(random_stream(n_tokens=700))
   with data.DataIterator(fresh, start_step=4, prefetch=0, **kw) as resumed:
     for step in range(4, 7):
       assert_batches_equal(next(resumed), run[step])
@@ -178,6 +182,152 @@ def test_too_small_stream_is_refused():
   s = corpus.PackedStream.from_tokens(np.array([BOS, 5, 6], np.uint16))
   with pytest.raises(ValueError, match="data.seq_len"):
     data.batch_for_step(s, 0, seed=0, global_batch=1, seq_len=8)
+
+
+# -------------------------------------------------------------- permutation
+
+_M64 = (1 << 64) - 1
+
+
+def py_splitmix64(x: int) -> int:
+  """splitmix64 on Python ints, written out from the published algorithm."""
+  z = (x + 0x9E3779B97F4A7C15) & _M64
+  z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+  z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+  return z ^ (z >> 31)
+
+
+def py_permutation_at(seed: int, epoch: int, n: int, slot: int) -> int:
+  """Entry `slot` of the documented construction, on Python ints."""
+  k = py_splitmix64(py_splitmix64(seed) ^ epoch)
+  keys = [py_splitmix64(k ^ (r + 1)) for r in range(6)]
+  bits = max(1, (n - 1).bit_length())
+  lo_bits, hi_bits = bits // 2, bits - bits // 2
+  y = slot
+  while True:  # Cycle walking: repeat the network until the value is < n.
+    hi, lo = y >> lo_bits, y & ((1 << lo_bits) - 1)
+    for r, key in enumerate(keys):
+      if r % 2 == 0:
+        hi ^= py_splitmix64((lo + key) & _M64) & ((1 << hi_bits) - 1)
+      else:
+        lo ^= py_splitmix64((hi + key) & _M64) & ((1 << lo_bits) - 1)
+    y = (hi << lo_bits) | lo
+    if y < n:
+      return y
+
+
+def py_permutation(seed: int, epoch: int, n: int) -> list:
+  return [py_permutation_at(seed, epoch, n, i) for i in range(n)]
+
+
+def test_splitmix64_matches_published_algorithm():
+  # 0xE220A8397B1DCDAF is splitmix64's well-known first output from state 0.
+  xs = [0, 1, 2, 12345, 2**63, _M64]
+  got = permutation.splitmix64(np.array(xs, np.uint64)).tolist()
+  assert got[0] == 0xE220A8397B1DCDAF
+  assert got == [py_splitmix64(x) for x in xs]
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 7, 8, 9, 31, 32, 33, 1000,
+                               1023, 1024, 1025, 2**16, 2**16 + 1, 100_003])
+def test_permutation_is_a_bijection(n):
+  for seed, epoch in [(0, 0), (1, 3), (2**64 - 1, 2**64 - 1)]:
+    perm = permutation.keyed_permutation(seed, epoch, n)
+    assert perm.dtype == np.int64 and perm.shape == (n,)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_permutation_matches_plain_reference(n):
+  for seed, epoch in [(0, 0), (42, 7)]:
+    assert (permutation.keyed_permutation(seed, epoch, n).tolist()
+            == py_permutation(seed, epoch, n))
+
+
+def test_permutation_is_pinned():
+  # Literal values: any change to the construction changes every run's data
+  # order, and must be a deliberate decision that updates these numbers.
+  perm = permutation.keyed_permutation(1234, 5, 10**6)
+  assert perm[:12].tolist() == [115134, 579341, 940905, 411268, 328971,
+                                261896, 557457, 600272, 64792, 499055,
+                                592500, 118964]
+  assert permutation.keyed_permutation(1234, 5, 10).tolist() == [
+      4, 7, 8, 5, 6, 1, 3, 9, 2, 0]
+
+
+def test_permutation_at_slots_equals_the_full_order():
+  n = 100_003  # More than one internal chunk.
+  full = permutation.keyed_permutation(9, 2, n)
+  slots = np.array([[0, n - 1, 65535], [65536, 17, 17]])
+  got = permutation.keyed_permutation(9, 2, n, slots)
+  assert got.shape == (2, 3)
+  np.testing.assert_array_equal(got, full[slots])
+  # A huge n costs nothing when only a few slots are asked for.
+  big = 10**12
+  few = np.array([0, 1, big - 1])
+  assert (permutation.keyed_permutation(3, 1, big, few).tolist()
+          == [py_permutation_at(3, 1, big, s) for s in few.tolist()])
+
+
+def test_permutation_depends_on_seed_and_epoch():
+  orders = {tuple(permutation.keyed_permutation(seed, epoch, 1000).tolist())
+            for seed in range(10) for epoch in range(5)}
+  assert len(orders) == 50
+  # Even two items are shuffled: both orders occur over seeds.
+  pairs = {tuple(permutation.keyed_permutation(seed, 0, 2).tolist())
+           for seed in range(20)}
+  assert pairs == {(0, 1), (1, 0)}
+
+
+def test_permutation_looks_shuffled():
+  n = 100_000
+  idx = np.arange(n)
+  for seed in range(3):
+    perm = permutation.keyed_permutation(seed, 0, n)
+    # A random permutation has |corr| ~ 1/sqrt(n) = 0.003 and ~1 fixed point.
+    assert abs(np.corrcoef(idx, perm)[0, 1]) < 0.02
+    assert np.count_nonzero(perm == idx) < 10
+    # Neighbouring slots land far apart: mean gap ~ n/3 for a random order.
+    assert 0.3 < np.abs(np.diff(perm)).mean() / n < 0.37
+
+
+# 8 needs no cycle walking; 9 walks most (9 of a 16-value domain).
+@pytest.mark.parametrize("n", [8, 9])
+def test_position_of_first_item_is_uniform_over_seeds(n):
+  seeds = 2000
+  where = [int(np.flatnonzero(permutation.keyed_permutation(s, 0, n) == 0)[0])
+           for s in range(seeds)]
+  counts = np.bincount(where, minlength=n)
+  expected = seeds / n
+  chi2 = ((counts - expected) ** 2 / expected).sum()
+  # 99.9% quantile of chi-square with n - 1 <= 8 degrees of freedom is 26.1.
+  assert chi2 < 26.1, counts
+
+
+def test_permutation_refuses_bad_arguments():
+  with pytest.raises(ValueError, match="seed"):
+    permutation.keyed_permutation(-1, 0, 10)
+  with pytest.raises(ValueError, match="epoch"):
+    permutation.keyed_permutation(0, 2**64, 10)
+  with pytest.raises(ValueError, match="n must"):
+    permutation.keyed_permutation(0, 0, -3)
+  with pytest.raises(ValueError, match=r"slots must lie in \[0, n=10\)"):
+    permutation.keyed_permutation(0, 0, 10, np.array([3, 10]))
+  with pytest.raises(ValueError, match="slots must be integers"):
+    permutation.keyed_permutation(0, 0, 10, np.array([0.5]))
+
+
+def test_batch_windows_follow_the_keyed_permutation():
+  seq_len, n_windows = 3, 50
+  tokens = np.arange(n_windows * (seq_len + 1), dtype=np.int32) + 100
+  s = corpus.PackedStream(tokens, np.zeros(1, np.int64))
+  # Step 6 of batch 8 is examples 48..55: two of epoch 0, six of epoch 1.
+  firsts = data.batch_for_step(s, 6, seed=11, global_batch=8,
+                               seq_len=seq_len)["inputs"][:, 0]
+  want = ([py_permutation_at(11, 0, n_windows, g) for g in (48, 49)]
+          + [py_permutation_at(11, 1, n_windows, g - 50)
+             for g in range(50, 56)])
+  assert ((firsts - 100) // (seq_len + 1)).tolist() == want
 
 
 # ----------------------------------------------------------------- iterator

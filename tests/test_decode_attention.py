@@ -265,6 +265,7 @@ def test_kernels_lower_for_gpu_and_tpu(target, d):
   text += lower_for(target, lambda *a: shared_prefix_attention(
       *a, interpret=False, platform=platform), q, prefix, prefix)
   assert ("tpu_custom_call" if target == "tpu" else "triton") in text
+  assert f"decode_attention_{platform}" in text  # the kernel, by its name
 
 
 def test_default_scale_is_inverse_sqrt_head_dim():
@@ -272,7 +273,56 @@ def test_default_scale_is_inverse_sqrt_head_dim():
   q = _random(0, (1, 1, 2, 16), jnp.float32)
   k = _random(1, (1, 8, 2, 16), jnp.float32)
   v = _random(2, (1, 8, 2, 16), jnp.float32)
-  a = decode_attention(q, k, v, lengths, interpret=True)
-  b = decode_attention(q, k, v, lengths, sm_scale=1 / math.sqrt(16),
-                       interpret=True)
-  np.testing.assert_array_equal(a[0], b[0])
+  out, lse = decode_attention(q, k, v, lengths, interpret=True)
+  _assert_close(out, lse, *decode_attention_reference(
+      q, k, v, lengths, sm_scale=1 / math.sqrt(16)), jnp.float32)
+
+
+def _loop_attention(q, k, v, visible):
+  """float64 loops: query (b, t, h) attends to the keys p with
+  visible(b, t, p), through kv head h // (heads / kv_heads)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, t_len, heads, d = q.shape
+  group = heads // k.shape[2]
+  out = np.zeros(q.shape)
+  lse = np.full((batch, t_len, heads), -np.inf)
+  for b in range(batch):
+    for t in range(t_len):
+      keys = [p for p in range(k.shape[1]) if visible(b, t, p)]
+      if not keys:
+        continue
+      for h in range(heads):
+        s = np.array([q[b, t, h] @ k[b, p, h // group] for p in keys])
+        s /= math.sqrt(d)
+        lse[b, t, h] = s.max() + math.log(np.exp(s - s.max()).sum())
+        out[b, t, h] = np.exp(s - lse[b, t, h]) @ v[b, keys, h // group]
+  return out, lse
+
+
+def test_references_against_loops():
+  """The ground truth itself: the speculative causal limit (query t of T
+  sees positions < length - T + t + 1), GQA, empty sequences, the prefix."""
+  t_len, heads, kv_heads, d, max_len = 3, 4, 2, 8, 11
+  lengths = np.array([0, 2, 7, 11])  # empty, shorter than T, odd, full
+  q = _random(0, (4, t_len, heads, d), jnp.float32)
+  k = _random(1, (4, max_len, kv_heads, d), jnp.float32)
+  v = _random(2, (4, max_len, kv_heads, d), jnp.float32)
+  out, lse = decode_attention_reference(q, k, v, jnp.asarray(lengths))
+  expected = _loop_attention(
+      q, k, v, lambda b, t, p: p < lengths[b] - t_len + t + 1)
+  np.testing.assert_allclose(out, expected[0], **F32_TOL)
+  assert lse.shape == (4, t_len, heads) and lse.dtype == jnp.float32
+  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(expected[1]))
+  finite = np.isfinite(expected[1])
+  np.testing.assert_allclose(np.asarray(lse)[finite], expected[1][finite],
+                             **LSE_TOL)
+  # Sequence 1 (length 2 < T = 3): its first query sees nothing.
+  assert np.isneginf(expected[1][1, 0]).all() and np.isfinite(
+      expected[1][1, 1:]).all()
+  # The shared prefix: every query sees every prefix position.
+  p_out, p_lse = shared_prefix_attention_reference(q, k[3], v[3])
+  batch_k = np.broadcast_to(np.asarray(k[3]), k.shape)
+  batch_v = np.broadcast_to(np.asarray(v[3]), v.shape)
+  p_expected = _loop_attention(q, batch_k, batch_v, lambda b, t, p: True)
+  np.testing.assert_allclose(p_out, p_expected[0], **F32_TOL)
+  np.testing.assert_allclose(p_lse, p_expected[1], **LSE_TOL)

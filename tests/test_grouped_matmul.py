@@ -5,6 +5,8 @@ Every kernel case runs in the Pallas interpreter on CPU for both the GPU
 megablox-style tile visits) variants, with small tiles so group boundaries
 fall inside tiles and M, K, N do not divide the tiles.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -180,3 +182,6 @@ def test_forward_and_backward_lower_for_gpu_and_tpu(target):
 
   text = lower_for(target, jax.grad(loss, argnums=(0, 1)), x, w, gs)
   assert ("tpu_custom_call" if target == "tpu" else "triton") in text
+  # The forward / dx kernel and the dw (transposed) kernel, both lowered.
+  assert re.search(f"(?<!transposed_)grouped_matmul_{platform}", text)
+  assert f"transposed_grouped_matmul_{platform}" in text

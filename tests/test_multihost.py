@@ -30,7 +30,9 @@ cfg.train.update(steps=4, batch_size=16, log_every=2, eval_every=4, eval_batches
 cfg.optim.update(warmup_steps=0, schedule='constant')
 cfg.checkpoint.update(every_steps=2)
 cfg.metrics.peak_flops_per_device = 1e9
-if mode == 'data':
+if mode == 'mismatch' and pid == 1:
+  cfg.data.max_corpus_bytes = 1_400_000  # this host reads less of the corpus: a different stream
+if mode in ('data', 'mismatch'):
   cfg.mesh.update(data=-1, dcn_data=nproc)
 else:
   cfg.mesh.update(data=-1, tensor=2, dcn_tensor=nproc)
@@ -45,20 +47,27 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(mode: str, workdir, nproc: int) -> list[dict]:
+def _start(mode: str, workdir, nproc: int) -> list[subprocess.Popen]:
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, '-c', SCRIPT, mode, str(workdir), port, str(i), str(nproc)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
-  results = []
+  return [subprocess.Popen([sys.executable, '-c', SCRIPT, mode, str(workdir), port, str(i), str(nproc)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+
+
+def _finish(procs) -> list[tuple[int, str, str]]:
   try:
-    for p in procs:
-      out, err = p.communicate(timeout=300)
-      assert p.returncode == 0, err[-3000:]
-      results.append(json.loads(out.split('RESULT', 1)[1]))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
   finally:
     for p in procs:
       p.kill()
+
+
+def _run(mode: str, workdir, nproc: int) -> list[dict]:
+  results = []
+  for returncode, out, err in _finish(_start(mode, workdir, nproc)):
+    assert returncode == 0, err[-3000:]
+    results.append(json.loads(out.split('RESULT', 1)[1]))
   return results
 
 
@@ -70,3 +79,12 @@ def test_two_processes_match_one(mode, tmp_path):
     for key, value in single.items():
       assert result[key] == pytest.approx(value, rel=1e-4), key
   assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
+
+
+def test_processes_reading_different_data_all_stop(tmp_path):
+  """Process 1 reads a different slice of the corpus: both processes refuse, naming the field, before training."""
+  for returncode, out, err in _finish(_start('mismatch', tmp_path / 'run', 2)):
+    assert returncode != 0 and 'RESULT' not in out
+    assert 'processes [1] read a different data stream than process 0' in err, err[-3000:]
+    assert 'packed stream fingerprint' in err and 'data.max_corpus_bytes' in err
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(tmp_path / 'run' / 'checkpoints')

@@ -213,7 +213,7 @@ def test_logical_to_spec(names, expected):
 
 
 def test_default_rules_map_activations_and_params_apart():
-  rules = config_lib.DEFAULT_AXIS_RULES
+  rules = mesh_lib.DEFAULT_AXIS_RULES
   assert mesh_lib.logical_to_spec(('batch', 'seq', 'act_embed'), rules) == P(('data', 'fsdp', 'expert'), None,
                                                                              None)
   assert mesh_lib.logical_to_spec(('vocab', 'embed'), rules) == P('tensor', 'fsdp')

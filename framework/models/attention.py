@@ -9,7 +9,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from framework import config as config_lib
+from framework.models import config as model_config
 
 ACT_NAMES = ('batch', 'seq', 'heads', 'head_dim')
 KV_NAMES = ('batch', 'seq', 'kv_heads', 'head_dim')
@@ -18,13 +18,13 @@ KV_NAMES = ('batch', 'seq', 'kv_heads', 'head_dim')
 def resolve_impl(impl: str, dtype=jnp.bfloat16, head_dim: int = 128, backend: str | None = None) -> str:
   """The implementation 'auto' stands for: cuDNN on GPU where its fused kernel applies (16-bit inputs, head dim
   a multiple of 8 up to 128), Pallas on TPU, XLA elsewhere."""
-  if impl not in config_lib.ATTENTION_IMPLS:
-    raise ValueError(f'attention_impl {impl!r} is not one of {config_lib.ATTENTION_IMPLS}')
+  if impl not in model_config.ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl {impl!r} is not one of {model_config.ATTENTION_IMPLS}')
   if impl != 'auto':
     return impl
   backend = backend or jax.default_backend()
   if backend == 'gpu':
-    return 'cudnn' if config_lib.cudnn_supports(jnp.dtype(dtype).name, head_dim) else 'xla'
+    return 'cudnn' if model_config.cudnn_supports(jnp.dtype(dtype).name, head_dim) else 'xla'
   return 'pallas' if backend == 'tpu' else 'xla'
 
 

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from framework import config as config_lib
+from framework.models import config as model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ModelConfig:
   @classmethod
   def from_config(cls, model_cfg) -> 'ModelConfig':
     fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
-    fields['head_dim'] = config_lib.head_dim(model_cfg)
+    fields['head_dim'] = model_config.head_dim(model_cfg)
     return cls(**fields)
 
 
