@@ -18,6 +18,7 @@ import pytest
 
 from framework import config as config_lib
 from framework import loop
+from framework import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = 'red green blue cyan magenta yellow black white orange purple brown grey'.split()
@@ -59,7 +60,7 @@ def saved_run(tmp_path_factory):
   return base, path, workdir
 
 
-def resume(saved_run, tmp_path, monkeypatch, cfg_changes=None, path=None, **kwargs):
+def resume_copy(saved_run, tmp_path, monkeypatch, cfg_changes=None, path=None, **kwargs):
   """Resumes a copy of the saved run with `cfg_changes`; a Trainer built before the refusal fails the test."""
   base, saved_path, workdir = saved_run
   copy = tmp_path / 'run'
@@ -80,7 +81,7 @@ def resume(saved_run, tmp_path, monkeypatch, cfg_changes=None, path=None, **kwar
 ])
 def test_a_different_data_stream_is_refused(saved_run, tmp_path, monkeypatch, changes, field):
   with pytest.raises(ValueError, match='different data stream') as info:
-    resume(saved_run, tmp_path, monkeypatch, changes)
+    resume_copy(saved_run, tmp_path, monkeypatch, changes)
   assert field in str(info.value)
   assert '--allow_data_change' in str(info.value)
 
@@ -91,7 +92,7 @@ def test_changed_files_are_refused(saved_run, tmp_path, monkeypatch):
   shutil.copytree(base / 'texts', other)
   (other / 'doc03.txt').write_text('a different document entirely\n' * 20)
   with pytest.raises(ValueError, match='different data stream') as info:
-    resume(saved_run, tmp_path, monkeypatch, path=str(other / '*.txt'))
+    resume_copy(saved_run, tmp_path, monkeypatch, path=str(other / '*.txt'))
   message = str(info.value)
   # The path moved and one file changed size and content: all three are named.
   assert 'data.path:' in message and 'data.path (matched files)' in message and 'fingerprint' in message
@@ -102,7 +103,7 @@ def test_the_same_stream_at_a_new_place_is_refused_only_for_the_path(saved_run, 
   moved = tmp_path / 'moved'
   shutil.copytree(base / 'texts', moved)
   with pytest.raises(ValueError) as info:
-    resume(saved_run, tmp_path, monkeypatch, path=str(moved / '*.txt'))
+    resume_copy(saved_run, tmp_path, monkeypatch, path=str(moved / '*.txt'))
   message = str(info.value)
   assert 'data.path:' in message
   assert 'matched files' not in message and 'fingerprint' not in message
@@ -134,7 +135,7 @@ def test_the_unchanged_stream_resumes(saved_run, tmp_path):
 ])
 def test_a_different_state_structure_is_refused(saved_run, tmp_path, monkeypatch, changes, field):
   with pytest.raises(ValueError, match='different model or optimizer') as info:
-    resume(saved_run, tmp_path, monkeypatch, changes)
+    resume_copy(saved_run, tmp_path, monkeypatch, changes)
   assert field in str(info.value)
 
 
@@ -202,13 +203,13 @@ def test_workdir_checks(tmp_path):
   a_file = tmp_path / 'file'
   a_file.write_text('x')
   with pytest.raises(ValueError, match='is a file, not a directory'):
-    loop.check_workdir(str(a_file))
+    resume.check_workdir(str(a_file))
   with pytest.raises(ValueError, match='is a file, so the directory cannot be created'):
-    loop.check_workdir(str(a_file / 'run'))
+    resume.check_workdir(str(a_file / 'run'))
   # /proc refuses new files even to root, whom permission bits do not stop.
   with pytest.raises(ValueError, match='cannot write in /proc'):
-    loop.check_workdir('/proc/batchax-run')
-  loop.check_workdir(str(tmp_path / 'new' / 'run'))  # creatable: fine, and nothing is created yet
+    resume.check_workdir('/proc/batchax-run')
+  resume.check_workdir(str(tmp_path / 'new' / 'run'))  # creatable: fine, and nothing is created yet
   assert not (tmp_path / 'new').exists()
 
 
