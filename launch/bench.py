@@ -1,16 +1,19 @@
 """Benchmarks that print ratios against a baseline measured in the same run.
 
   python -m launch.bench --suite=train      # lm_small train step: tokens/s, MFU, vs a plain single-device step
+  python -m launch.bench --suite=train --peer=torch   # ... and vs a plain PyTorch step (pip install -e '.[peer]')
   python -m launch.bench --suite=kernels    # Pallas kernels vs their XLA (and cuDNN) baselines
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
 """
+import functools
 import os
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import optax
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,6 +25,8 @@ _SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'all'], 'What 
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (after 2 warm-up steps).')
+_PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a plain PyTorch implementation '
+                          "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
 _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
                            'runs in interpret mode).')
 
@@ -42,20 +47,24 @@ def _time_interleaved(runs: dict, n: int) -> dict[str, float]:
 
 
 def _reference_step(trainer, batch, device):
-  """The same model and AdamW on one device, written plainly: no mesh, no micro-batch scan, no extra metrics."""
+  """The real step's math written plainly on one device: the same model, loss (CE + z-loss, token-weighted) and
+  optimizer (optim.make_optimizer: clipping, lr schedule, decay mask). What it leaves out is printed under the
+  table (REFERENCE_OMITS)."""
+  from framework import optim  # pylint: disable=g-import-not-at-top
   from framework.mesh import Sharder  # pylint: disable=g-import-not-at-top
   from framework.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
   from framework.train import token_losses  # pylint: disable=g-import-not-at-top
   cfg = trainer.cfg
   model = Transformer(trainer.model_cfg, Sharder(None, ()))
-  opt = optax.adamw(cfg.optim.lr, b1=cfg.optim.b1, b2=cfg.optim.b2, weight_decay=cfg.optim.weight_decay)
+  opt = optim.make_optimizer(cfg.optim, cfg.train.steps)
 
   def loss_fn(params, b):
     logits, _ = model.apply({'params': params}, b['inputs'], b['positions'], b['segment_ids'])
     losses = token_losses(logits, b['targets'], b['weights'])
-    return losses['ce_sum'] / losses['tokens']
+    return (losses['ce_sum'] + cfg.train.z_loss * losses['z_sum']) / jnp.maximum(losses['tokens'], 1.0)
 
-  @jax.jit
+  # Donating the state as the real step does, so neither pays for fresh parameter buffers.
+  @functools.partial(jax.jit, donate_argnums=(0,))
   def step(state, b):
     params, opt_state = state
     grads = jax.grad(loss_fn)(params, b)
@@ -67,6 +76,35 @@ def _reference_step(trainer, batch, device):
   return step, (params, opt.init(params)), batch
 
 
+REFERENCE_OMITS = ('plain reference: the same model, loss and optimizer on one device, leaving out the mesh '
+                   'shardings, the micro-batch scan (train.micro_batches={}) and the step\'s metrics (norms, lr, '
+                   'finite check)')
+
+
+def _import_torch():
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError("--peer=torch needs PyTorch: pip install -e '.[peer]'") from None
+  return torch
+
+
+def _torch_peer_step(trainer, local_batch, state):
+  """The PyTorch peer (launch/torch_peer.py) from batchax's initial parameters, as a _time_interleaved run."""
+  torch = _import_torch()
+  from launch import torch_peer  # pylint: disable=g-import-not-at-top
+  # XLA's CPU backend spreads over every core this process may use; the peer gets the same.
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
+  cfg = trainer.cfg
+  peer = torch_peer.Peer(trainer.model_cfg, cfg.optim, cfg.train.steps, cfg.train.z_loss)
+  torch_peer.load_batchax_params(peer, jax.device_get(state.params))
+
+  def step(p, b):
+    p.step(b)
+    return p
+  return step, peer, torch_peer.to_torch(local_batch)
+
+
 def train_suite(cfg) -> None:
   from framework import config as config_lib  # pylint: disable=g-import-not-at-top
   from framework import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -75,6 +113,8 @@ def train_suite(cfg) -> None:
   from framework.models.transformer import num_params  # pylint: disable=g-import-not-at-top
   from framework.train import Trainer  # pylint: disable=g-import-not-at-top
 
+  if _PEER.value == 'torch':
+    _import_torch()  # fail before minutes of setup, not after
   devices = jax.devices()
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
   train_data, _ = data_lib.load_splits(cfg.data)
@@ -90,19 +130,32 @@ def train_suite(cfg) -> None:
         f'{cfg.data.seq_len} tokens, {flops / 1e12:.3f} TFLOP/step')
   print(f'# {len(devices)} x {devices[0].device_kind}; peak {peak / 1e12:.3f} TFLOP/s ({source})')
 
-  times = _time_interleaved({
+  runs = {
       'framework': (lambda s, b: trainer.train_step(s, b)[0], state, batch),
       'reference': _reference_step(trainer, batch, devices[0]),
-  }, _STEPS.value)
-  framework_time, reference_time = times['framework'], times['reference']
+  }
+  if _PEER.value == 'torch':
+    runs['torch'] = _torch_peer_step(trainer, local, state)
+    torch = _import_torch()
+    print(f'# torch peer: PyTorch {torch.__version__}, eager, f32, SDPA attention, {torch.get_num_threads()} '
+          'threads')
+  times = _time_interleaved(runs, _STEPS.value)
 
-  print('| step | mesh | ms/step | tokens/s | TFLOP/s | MFU | vs reference |')
-  print('|---|---|---|---|---|---|---|')
   mesh = 'x'.join(f'{k}{v}' for k, v in trainer.sharder.mesh.shape.items() if v > 1) or 'single'
-  for name, mesh_name, t in (('batchax train_step', mesh, framework_time),
-                             ('plain reference', '1 device', reference_time)):
+  rows = [('batchax train_step', mesh, times['framework']), ('plain reference', '1 device', times['reference'])]
+  if 'torch' in times:
+    rows.append(('pytorch eager peer', f'{_import_torch().get_num_threads()} threads', times['torch']))
+  peer = ' vs torch |' if 'torch' in times else ''
+  print(f'| step | mesh | ms/step | tokens/s | TFLOP/s | MFU | vs reference |{peer}')
+  print('|---|---|---|---|---|---|---|' + ('---|' if peer else ''))
+  for name, mesh_name, t in rows:
+    vs_torch = f' {times["torch"] / t:.2f}x |' if peer else ''
     print(f'| {name} | {mesh_name} | {1e3 * t:.1f} | {tokens / t:,.0f} | {flops / t / 1e12:.4f} | '
-          f'{100 * flops / t / peak:.1f}% | {reference_time / t:.2f}x |')
+          f'{100 * flops / t / peak:.1f}% | {times["reference"] / t:.2f}x |{vs_torch}')
+  print(f'# {REFERENCE_OMITS.format(cfg.train.micro_batches)}')
+  if peer:
+    print(f'# batchax / torch tokens/s: {times["torch"] / times["framework"]:.2f}x (median of {_STEPS.value} '
+          'alternating steps each)')
 
 
 def kernels_suite(quick: bool) -> None:

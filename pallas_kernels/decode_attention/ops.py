@@ -65,9 +65,10 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
     block_sizes: tiling; default DecodeBlockSizes().
     interpret: None = interpreter on CPU, compiled on GPU (Triton) / TPU;
       True/False force it; a pallas InterpretParams picks that interpreter.
-    platform: None = the variant for the operands' device ('tpu' on TPU, else
-      'gpu'); 'gpu' or 'tpu' picks the Triton- or Mosaic-shaped variant (e.g.
-      to test it in the interpreter).
+    platform: None = the variant for the operands' device, or under jit for
+      the platform lowered for ('tpu' on TPU, else 'gpu'); 'gpu' or 'tpu'
+      picks the Triton- or Mosaic-shaped variant (e.g. to test it in the
+      interpreter).
 
   Returns:
     (out [batch, T, heads, head_dim] in q's dtype, lse f32 [batch, T, heads]:
@@ -78,12 +79,14 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
   """
   validation.check_decode(q, k_cache, v_cache, lengths)
   validation.check_common(sm_scale, block_sizes)
-  interpret, platform = platform_lib.resolve(interpret, platform, q, k_cache)
+  platform_lib.check(interpret, platform)
   sm_scale = float(1.0 / math.sqrt(q.shape[-1]) if sm_scale is None
                    else sm_scale)
-  return _decode(q, k_cache, v_cache, lengths, sm_scale=sm_scale,
-                 block_sizes=block_sizes or DecodeBlockSizes(),
-                 interpret=interpret, platform=platform)
+  variant = functools.partial(_decode, sm_scale=sm_scale,
+                              block_sizes=block_sizes or DecodeBlockSizes())
+  return platform_lib.dispatch(
+      variant, (q, k_cache, v_cache, lengths), interpret=interpret,
+      platform=platform, anchors=(q, k_cache))
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -141,12 +144,14 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
   """
   validation.check_prefix(q, prefix_k, prefix_v)
   validation.check_common(sm_scale, block_sizes)
-  interpret, platform = platform_lib.resolve(interpret, platform, q, prefix_k)
+  platform_lib.check(interpret, platform)
   if prefix_k.shape[0] == 0:
     return (jnp.zeros_like(q),
             jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
   sm_scale = float(1.0 / math.sqrt(q.shape[-1]) if sm_scale is None
                    else sm_scale)
-  return _prefix(q, prefix_k, prefix_v, sm_scale=sm_scale,
-                 block_sizes=block_sizes or DecodeBlockSizes(),
-                 interpret=interpret, platform=platform)
+  variant = functools.partial(_prefix, sm_scale=sm_scale,
+                              block_sizes=block_sizes or DecodeBlockSizes())
+  return platform_lib.dispatch(
+      variant, (q, prefix_k, prefix_v), interpret=interpret,
+      platform=platform, anchors=(q, prefix_k))

@@ -68,8 +68,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     interpret: None interprets on CPU and compiles elsewhere; True/False
       force it; a pallas TPU InterpretParams selects the TPU interpreter.
     platform: kernel variant, 'gpu' (Triton, also used by the CPU
-      interpreter) or 'tpu' (Mosaic); None picks by q's device ('tpu' on
-      TPU, else 'gpu').
+      interpreter) or 'tpu' (Mosaic); None picks by q's device when q is
+      concrete and by the platform lowered for under jit ('tpu' on TPU,
+      else 'gpu').
 
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype. Query rows that see no key
@@ -81,14 +82,45 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   q_seg, kv_seg = validate_inputs(q, k, v, causal=causal,
                                   segment_ids=segment_ids, sm_scale=sm_scale,
                                   block_sizes=block_sizes)
-  interpret, platform = platform_lib.resolve(interpret, platform, q)
+  platform_lib.check(interpret, platform)
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(q.shape[-1])
+  variant = functools.partial(_variant, causal=bool(causal),
+                              sm_scale=float(sm_scale),
+                              block_sizes=block_sizes)
+  return platform_lib.dispatch(
+      variant, (q, k, v, q_seg, kv_seg), interpret=interpret,
+      platform=platform, anchors=(q,),
+      refused=_refused(block_sizes, platform))
+
+
+def _refused(block_sizes: FlashBlockSizes | None,
+             platform: str | None) -> dict[str, str]:
+  """Variant -> why the caller's block sizes cannot lower for it.
+
+  Explicit sizes often suit one variant only (64 is a Triton tile, not a
+  Mosaic one); the call goes ahead and only lowering for the other variant's
+  platform raises.
+  """
+  if block_sizes is None:
+    return {}
+  refused = {}
+  for p in (platform,) if platform else platform_lib.PLATFORMS:
+    try:
+      block_sizes.check_for_platform(p)
+    except ValueError as e:
+      refused[p] = str(e)
+  return refused
+
+
+def _variant(q, k, v, q_seg, kv_seg, *, interpret, platform, causal,
+             sm_scale, block_sizes):
+  """One kernel variant, complete with its own block sizes and VJP."""
   if block_sizes is None:
     block_sizes = FlashBlockSizes.get_default(platform)
   block_sizes.check_for_platform(platform)
-  if sm_scale is None:
-    sm_scale = 1.0 / math.sqrt(q.shape[-1])
-  cfg = _Config(causal=bool(causal), sm_scale=float(sm_scale),
-                platform=platform, interpret=interpret, blocks=block_sizes)
+  cfg = _Config(causal=causal, sm_scale=sm_scale, platform=platform,
+                interpret=interpret, blocks=block_sizes)
   return _flash_jit(q, k, v, q_seg, kv_seg, cfg)
 
 

@@ -38,7 +38,7 @@ def _check_segments(name: str, seg, batch: int, length: int,
 
 
 def validate_inputs(q, k, v, *, causal, segment_ids, sm_scale, block_sizes):
-  """Checks flash_attention's arguments (platform.resolve checks the rest).
+  """Checks flash_attention's arguments (platform.check checks the rest).
 
   Returns:
     (q_segment_ids, kv_segment_ids) as int32 arrays, or (None, None).

@@ -104,9 +104,10 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
       True/False force it; a pallas InterpretParams picks that interpreter.
     preferred_element_type: output dtype; default the promoted input dtype.
       Accumulation is always f32.
-    platform: None = the variant for the operands' device ('tpu' on TPU, else
-      'gpu'); 'gpu' or 'tpu' picks the Triton- or Mosaic-shaped variant (e.g.
-      to test it in the interpreter).
+    platform: None = the variant for the operands' device, or under jit for
+      the platform lowered for ('tpu' on TPU, else 'gpu'); 'gpu' or 'tpu'
+      picks the Triton- or Mosaic-shaped variant (e.g. to test it in the
+      interpreter).
 
   Returns:
     [M, N].
@@ -124,14 +125,17 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *,
   validation.check_float("w", w)
   _check_group_sizes(group_sizes, w.shape[0], "w")
   _check_options(block_sizes, preferred_element_type)
-  interpret, platform = platform_lib.resolve(interpret, platform, x, w)
+  platform_lib.check(interpret, platform)
   dtype = jnp.result_type(x.dtype, w.dtype)
   out_dtype = jnp.dtype(preferred_element_type or dtype)
   if 0 in (x.shape[0], x.shape[1], w.shape[2]):
     return jnp.zeros((x.shape[0], w.shape[2]), out_dtype)
-  return _gmm_vjp(x.astype(dtype), w.astype(dtype), group_sizes, out_dtype,
-                  block_sizes or GroupedMatmulBlockSizes(), interpret,
-                  platform)
+  blocks = block_sizes or GroupedMatmulBlockSizes()
+  variant = lambda x, w, gs, *, interpret, platform: _gmm_vjp(
+      x, w, gs, out_dtype, blocks, interpret, platform)
+  return platform_lib.dispatch(
+      variant, (x.astype(dtype), w.astype(dtype), group_sizes),
+      interpret=interpret, platform=platform, anchors=(x, w))
 
 
 def transposed_grouped_matmul(
@@ -168,13 +172,15 @@ def transposed_grouped_matmul(
   num_groups = group_sizes.shape[0] if getattr(group_sizes, "ndim", 0) else -1
   _check_group_sizes(group_sizes, num_groups, "group_sizes")
   _check_options(block_sizes, preferred_element_type)
-  interpret, platform = platform_lib.resolve(interpret, platform, x, dy)
+  platform_lib.check(interpret, platform)
   dtype = jnp.result_type(x.dtype, dy.dtype)
   out_dtype = jnp.dtype(preferred_element_type or dtype)
   k, n = x.shape[1], dy.shape[1]
   if x.shape[0] == 0 or k == 0 or n == 0:
     return jnp.zeros((num_groups, k, n), out_dtype)
-  return _tgmm(x.astype(dtype), dy.astype(dtype), group_sizes,
-               out_dtype=out_dtype,
-               block_sizes=block_sizes or GroupedMatmulBlockSizes(),
-               interpret=interpret, platform=platform)
+  variant = functools.partial(
+      _tgmm, out_dtype=out_dtype,
+      block_sizes=block_sizes or GroupedMatmulBlockSizes())
+  return platform_lib.dispatch(
+      variant, (x.astype(dtype), dy.astype(dtype), group_sizes),
+      interpret=interpret, platform=platform, anchors=(x, dy))
