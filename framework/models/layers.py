@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.models import config as model_config
+from framework.models.dense import dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,6 @@ class SwiGLU(nn.Module):
     w_up = param(self, 'wi_up', (c.d_model, c.d_ff), ('embed', 'mlp'), c.init_std, c)
     # GPT-2 style: residual-branch outputs start smaller so the stream's variance does not grow with depth.
     w_out = param(self, 'wo', (c.d_ff, c.d_model), ('mlp', 'embed'), c.init_std / (2 * c.n_layers) ** 0.5, c)
-    h = jax.nn.silu(x @ w_gate) * (x @ w_up)
+    h = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
     h = self.sharder.constrain(h, ('batch', 'seq', 'mlp'))
-    return h @ w_out
+    return dense(h, w_out)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from framework.mesh import Sharder
 from framework.models import attention as attention_lib
+from framework.models.dense import dense
 from framework.models.layers import ModelConfig, RMSNorm, SwiGLU, param, rope
 
 REMAT_POLICIES = {
@@ -34,13 +35,13 @@ class Attention(nn.Module):
                c.init_std, c)
     wo = param(self, 'wo', (c.n_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
                c.init_std / (2 * c.n_layers) ** 0.5, c)
-    q = sh.constrain(jnp.einsum('bsd,dhk->bshk', x, wq), attention_lib.ACT_NAMES)
-    k = sh.constrain(jnp.einsum('bsd,dhk->bshk', x, wk), attention_lib.KV_NAMES)
-    v = sh.constrain(jnp.einsum('bsd,dhk->bshk', x, wv), attention_lib.KV_NAMES)
+    q = sh.constrain(dense(x, wq), attention_lib.ACT_NAMES)
+    k = sh.constrain(dense(x, wk), attention_lib.KV_NAMES)
+    v = sh.constrain(dense(x, wv), attention_lib.KV_NAMES)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     out = attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=c.attention_impl, sharder=sh)
     out = sh.constrain(out, attention_lib.ACT_NAMES)
-    return jnp.einsum('bshk,hkd->bsd', out, wo)
+    return dense(out, wo, n_in=2)
 
 
 class Block(nn.Module):
@@ -89,7 +90,7 @@ class Transformer(nn.Module):
       head = embedding.T
     else:
       head = param(self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'), c.d_model ** -0.5, c)
-    logits = jnp.einsum('bsd,dv->bsv', x, head, preferred_element_type=jnp.float32)
+    logits = dense(x, head, out_dtype=jnp.float32)
     return sh.constrain(logits, ('batch', 'seq', 'vocab')), {}
 
 
