@@ -210,6 +210,23 @@ class Sharder:
     return int(np.prod([self.mesh.shape[a] for a in rule_axes(entry)])) if self.mesh is not None else 1
 
 
+def spread_over(sharding: NamedSharding, shape: Sequence[int], axes: Sequence[str]) -> NamedSharding:
+  """`sharding` further split over those of mesh `axes` it does not use yet (size > 1), on the first dim they
+  divide after its current split; unchanged where no dim does."""
+  mesh = sharding.mesh
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  used = {a for entry in spec for a in rule_axes(entry)}
+  extra = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+  if not extra:
+    return sharding
+  for i, entry in enumerate(spec):
+    current = rule_axes(entry)
+    if shape[i] % (math.prod(mesh.shape[a] for a in current + extra)) == 0:
+      spec[i] = current + extra if len(current + extra) > 1 else extra[0]
+      return NamedSharding(mesh, PartitionSpec(*spec))
+  return sharding
+
+
 def make_sharder(cfg, devices: Sequence[jax.Device] | None = None) -> Sharder:
   rules = tuple((name, axes if axes is None or isinstance(axes, str) else rule_axes(axes))
                 for name, axes in cfg.mesh.axis_rules)

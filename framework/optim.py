@@ -29,6 +29,9 @@ def defaults() -> ml_collections.ConfigDict:
       weight_decay=0.1,
       momentum=0.9,          # sgd, lars
       grad_clip=1.0,         # 0: off
+      # ZeRO-1: optimizer moments are split over the batch's mesh axes too, not only as their parameters are, so
+      # each data-parallel replica updates 1/N of them (N x less update work and moment memory per device).
+      shard_state_over_data=True,
   ))
 
 

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import optim
 from framework.config_checks import Context, fail, non_negative, positive
-from framework.mesh import Sharder, shard_count
+from framework.mesh import Sharder, shard_count, spread_over
 from framework.models.layers import ModelConfig
 from framework.models.transformer import Transformer, flops_per_token
 
@@ -117,9 +117,13 @@ class Trainer:
     param_shardings = self.sharder.tree_shardings(nn.get_partition_spec(boxed))
     params = nn.meta.unbox(boxed)
     opt_state = jax.eval_shape(self.optimizer.init, params)
-    # Optimizer moments mirror the parameters; counters and other scalars are replicated.
-    opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, param_shardings,
-                                          transform_non_params=lambda _: self.replicated)
+    # Optimizer moments mirror the parameters (further split over the data-parallel axes, see
+    # optim.shard_state_over_data); counters and other scalars are replicated.
+    _, dp_axes = shard_count(self.sharder.rules, dict(self.sharder.mesh.shape), 'batch')
+    spread = dp_axes if self.cfg.optim.shard_state_over_data else ()
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda moment, s: spread_over(s, moment.shape, spread), opt_state, param_shardings,
+        transform_non_params=lambda _: self.replicated)
     shardings = TrainState(step=self.replicated, params=param_shardings, opt_state=opt_shardings)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

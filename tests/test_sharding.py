@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from framework import config as config_lib
 from framework import mesh as mesh_lib
-from framework.mesh import Sharder, make_sharder
+from framework.mesh import Sharder, make_sharder, spread_over
 from framework.models.layers import ModelConfig
 from framework.models.transformer import Transformer
 from framework.train import Trainer
@@ -147,22 +147,51 @@ def test_shards_are_really_split(built, logical_names):
   assert split_somewhere == (mesh_name != 'data8')
 
 
-def test_optimizer_moments_sharded_like_params(built):
-  mesh_name, _, state = built
+def _adam_state(state):
   adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
           if isinstance(s, optax.ScaleByAdamState)]
   assert len(adam) == 1
+  return adam[0]
+
+
+def _elements(shard) -> int:
+  return math.prod(shard.data.shape)
+
+
+def test_optimizer_moments_split_further_over_the_data_axes(built):
+  """ZeRO-1 (optim.shard_state_over_data, the default): each moment is split as its parameter is, and over the
+  batch's mesh axes the parameter does not use, so every device holds 1/N of the replicated parameters' moments."""
+  mesh_name, trainer, state = built
+  mesh_shape = dict(trainer.sharder.mesh.shape)
+  batch_axes = ('data', 'fsdp', 'expert')  # the default 'batch' rule, written out
+  adam = _adam_state(state)
   params = flat(state.params)
-  for moments in (adam[0].mu, adam[0].nu):
+  for moments in (adam.mu, adam.nu):
     moments = flat(moments)
     assert set(moments) == set(params)
     for name, m in moments.items():
       p = params[name]
       assert m.shape == p.shape
-      assert m.sharding.is_equivalent_to(p.sharding, p.ndim), (mesh_name, name, m.sharding, p.sharding)
-      assert {s.data.shape for s in m.addressable_shards} == {s.data.shape for s in p.addressable_shards}
-  assert adam[0].count.sharding.is_fully_replicated
+      used = {a for entry in p.sharding.spec for a in ((entry,) if isinstance(entry, str) else entry or ())}
+      extra = math.prod(mesh_shape[a] for a in batch_axes if a not in used)
+      assert {_elements(s) for s in m.addressable_shards} == {_elements(p.addressable_shards[0]) // extra}, (
+          mesh_name, name, m.sharding.spec, p.sharding.spec)
+      # Distinct blocks, not copies: the split is real.
+      blocks = len({str(s.index) for s in p.addressable_shards}) * extra
+      assert len({str(s.index) for s in m.addressable_shards}) == blocks, (mesh_name, name)
+  assert adam.count.sharding.is_fully_replicated
   assert state.step.sharding.is_fully_replicated
+
+
+def test_optimizer_moments_sharded_like_params_when_asked():
+  cfg = tiny_config(data=2, fsdp=4)
+  cfg.optim.shard_state_over_data = False
+  trainer = Trainer(cfg, make_sharder(cfg))
+  state = trainer.init(jax.random.key(0))
+  params = flat(state.params)
+  for moments in (_adam_state(state).mu, _adam_state(state).nu):
+    for name, m in flat(moments).items():
+      assert m.sharding.is_equivalent_to(params[name].sharding, m.ndim), name
 
 
 def test_init_is_the_same_on_every_mesh(built, single_device_params):
@@ -217,3 +246,12 @@ def test_default_rules_map_activations_and_params_apart():
   assert mesh_lib.logical_to_spec(('batch', 'seq', 'act_embed'), rules) == P(('data', 'fsdp', 'expert'), None,
                                                                              None)
   assert mesh_lib.logical_to_spec(('vocab', 'embed'), rules) == P('tensor', 'fsdp')
+
+
+def test_spread_over_picks_the_first_dim_that_divides_and_keeps_existing_splits():
+  mesh = make_sharder(tiny_config(data=4, fsdp=2)).mesh
+  base = NamedSharding(mesh, P(None, 'fsdp'))
+  assert spread_over(base, (6, 16), ('data', 'fsdp')).spec == P(None, ('fsdp', 'data'))  # 6 % 4: skip dim 0
+  assert spread_over(base, (8, 16), ('data', 'fsdp')).spec == P('data', 'fsdp')
+  assert spread_over(base, (6, 6), ('data',)) is base  # nothing divides: unchanged
+  assert spread_over(base, (8, 16), ('fsdp',)) is base  # already uses every axis asked for
