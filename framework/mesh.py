@@ -204,6 +204,12 @@ class Sharder:
     return jax.tree.map(lambda names: self.sharding(tuple(names)), logical_specs,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
+  @property
+  def platform(self) -> str:
+    """The platform the mesh's devices are ('cpu', 'gpu', 'tpu'): what a program built for this mesh runs on,
+    also when it is compiled ahead of time on a host of another kind. Without a mesh, the default backend."""
+    return self.mesh.devices.flat[0].platform if self.mesh is not None else jax.default_backend()
+
   def axis_size(self, names) -> int:
     """How many shards a dim named `names[0]` is split into."""
     entry = self.spec(names)[0]

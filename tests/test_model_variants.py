@@ -170,6 +170,35 @@ def test_remat_dots_no_batch_gives_the_same_losses_and_gradients(reference):
                                  err_msg=f'params after step {step}: {k}')
 
 
+# --- the layer loop: rolled or unrolled ---------------------------------------------------------------------
+
+
+def loop_unroll(trainer) -> set:
+  """The unroll of every scan in the traced forward."""
+  return {eqn.params['unroll'] for eqn in all_eqns(forward_jaxpr(trainer).jaxpr) if eqn.primitive.name == 'scan'}
+
+
+def test_scan_unroll_auto_unrolls_on_cpu_and_follows_the_mesh_platform(reference):
+  trainer = make_trainer()  # model.scan_unroll = 0: auto
+  assert loop_unroll(trainer) == {2}  # a CPU mesh: every layer in one iteration
+  assert transformer.scan_unroll(trainer.model_cfg, trainer.sharder) == 2
+  tpu_like = type('TpuSharder', (), {'platform': 'tpu'})()  # what a mesh of TPU devices reports
+  assert transformer.scan_unroll(trainer.model_cfg, tpu_like) == 1
+  # The rolled loop computes the same thing: same losses, gradients and parameters after every step.
+  init, ref_params, ref_losses, _ = reference
+  rolled = make_trainer(scan_unroll=1)
+  assert loop_unroll(rolled) == {1}
+  params, losses, _ = train(rolled, init)
+  np.testing.assert_allclose(losses, ref_losses, rtol=RTOL)
+  for k in params[STEPS]:
+    np.testing.assert_allclose(params[STEPS][k], ref_params[STEPS][k], rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+def test_scan_unroll_out_of_range_is_refused():
+  with pytest.raises(ValueError, match='model.scan_unroll'):
+    make_trainer(scan_unroll=3)
+
+
 # --- bf16 compute, f32 parameters ----------------------------------------------------------------------------
 
 

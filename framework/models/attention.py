@@ -111,7 +111,7 @@ def attention(q, k, v, *, segment_ids=None, impl: str = 'xla', causal: bool = Tr
 
   segment_ids [batch, seq] keeps packed documents apart: a token sees only keys of its own segment.
   """
-  impl = resolve_impl(impl, q.dtype, q.shape[-1])
+  impl = resolve_impl(impl, q.dtype, q.shape[-1], backend=sharder.platform if sharder is not None else None)
   if impl == 'xla':
     return xla_attention(q, k, v, segment_ids=segment_ids, causal=causal)
   if impl == 'cudnn':

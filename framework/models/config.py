@@ -29,6 +29,7 @@ def defaults() -> ml_collections.ConfigDict:
       param_dtype='float32',
       dtype='float32',       # compute dtype
       remat_policy='none',   # none | full | dots | dots_no_batch
+      scan_unroll=0,         # layers per iteration of the layer loop; 0: auto (all of them on CPU, else 1)
       attention_impl='xla',  # xla | pallas | cudnn | auto
   ))
 
@@ -56,6 +57,8 @@ def validate(cfg, ctx: Context) -> None:
            'rope_theta', 'norm_eps', 'init_std')
   one_of('model.attention_impl', m.attention_impl, ATTENTION_IMPLS)
   one_of('model.remat_policy', m.remat_policy, REMAT_POLICIES)
+  if m.scan_unroll < 0 or m.scan_unroll > m.n_layers:
+    fail('model.scan_unroll', f'{m.scan_unroll} must be in [0, model.n_layers={m.n_layers}] (0: auto)')
   one_of('model.param_dtype', m.param_dtype, DTYPES)
   one_of('model.dtype', m.dtype, DTYPES)
   if m.attention_impl == 'cudnn':

@@ -29,6 +29,7 @@ class ModelConfig:
   param_dtype: str
   dtype: str
   remat_policy: str
+  scan_unroll: int
   attention_impl: str
 
   @classmethod
