@@ -59,14 +59,21 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding on [batch, seq, heads, head_dim] at integer `positions` [batch, seq] (half-split form)."""
+  """Rotary embedding on [batch, seq, heads, head_dim] at integer `positions` [batch, seq] (half-split form).
+
+  Written as x * cos + swap_halves(x) * (-sin, sin) on a [..., 2, head_dim / 2] view, the swap a reverse of that
+  size-2 axis: one elementwise fusion forward and backward. The split-and-concatenate form of the same rotation
+  took 2.5x as long forward + backward on XLA:CPU (20.5 vs 8.0 ms on lm_small's q).
+  """
   half = x.shape[-1] // 2
   freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [b, s, 1, half]
   sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  cos2 = jnp.stack([cos, cos], axis=-2)  # [b, s, 1, 2, half]
+  sin2 = jnp.stack([-sin, sin], axis=-2)
+  pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, half)  # (first half, second half)
+  out = pairs * cos2 + jnp.flip(pairs, axis=-2) * sin2
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 class SwiGLU(nn.Module):
