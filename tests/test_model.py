@@ -108,9 +108,9 @@ def test_causal_query_blocks_gradients_match_a_dense_masked_softmax():
 
 
 def test_causal_query_block_size_default():
-  assert attention_lib.causal_query_blocks(256) == 64    # 4 blocks
-  assert attention_lib.causal_query_blocks(1024) == 128  # 8 blocks
-  assert attention_lib.causal_query_blocks(12) == 64     # short sequences: one block
+  assert attention_lib.causal_block_rows(256) == 64    # 4 blocks
+  assert attention_lib.causal_block_rows(1024) == 128  # 8 blocks
+  assert attention_lib.causal_block_rows(12) == 64     # short sequences: one block
 
 
 def test_segments_really_isolate_documents():

@@ -28,7 +28,7 @@ def resolve_impl(impl: str, dtype=jnp.bfloat16, head_dim: int = 128, backend: st
   return 'pallas' if backend == 'tpu' else 'xla'
 
 
-def causal_query_blocks(s: int) -> int:
+def causal_block_rows(s: int) -> int:
   """Query rows per block of the causal XLA attention: blocks of 64 rows, fewer than 8 blocks past 512 rows.
 
   Measured on the 2-core CPU, forward and backward over 16 x 8 heads x 64: 280 -> 180 ms at 256 tokens (4 blocks)
@@ -42,12 +42,12 @@ def xla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, bloc
 
   Causal self-attention runs block by block over the queries, each block against the keys up to its last row,
   so the score matrices skip most of the masked upper triangle (about 5/8 of the work at 4 blocks) while each
-  block is still one softmax, exact, with no merging. block_q: rows per block (default causal_query_blocks(s)).
+  block is still one softmax, exact, with no merging. block_q: rows per block (default causal_block_rows(s)).
   """
   s, t = q.shape[1], k.shape[1]
   if not causal or s != t:
     return _attention_block(q, k, v, segment_ids, segment_ids, causal=causal, q_start=0, sm_scale=sm_scale)
-  block = block_q or causal_query_blocks(s)
+  block = block_q or causal_block_rows(s)
   outs = []
   for start in range(0, s, block):
     stop = min(start + block, s)
