@@ -11,6 +11,7 @@ import ml_collections
 from framework import checkpoint, corpus, mesh, metrics, optim, train
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
+from framework.models import moe_config
 
 # Section name -> the module holding its `defaults()` and `validate(cfg, ctx)`. The mesh section is first: the
 # others' checks depend on the mesh sizes it resolves.
@@ -19,6 +20,7 @@ SECTIONS = (
     ('model', model_config),
     ('data', corpus),
     ('train', train),
+    ('moe', moe_config),
     ('optim', optim),
     ('checkpoint', checkpoint),
     ('metrics', metrics),

@@ -24,10 +24,11 @@ from typing import Any, Iterator
 import ml_collections
 import numpy as np
 
+from framework import domains as domains_lib
 from framework.permutation import keyed_permutation, splitmix64
 from framework.tokenizer import ByteTokenizer
 
-SOURCES = ("embedded", "text", "jsonl", "array")
+SOURCES = ("embedded", "text", "jsonl", "array", "domains")
 # Names the window-order algorithm (`keyed_permutation`); checkpoints record it, so a change to the order is a
 # change of data stream that a resume refuses. Bump it whenever the order changes.
 ORDER_VERSION = "keyed Feistel v1"
@@ -73,6 +74,8 @@ class PackedStream:
     self._token_range: tuple[int, int] | None = None
     # Byte-level sources set this; 'array' sources leave it to the data.
     self.vocab_size: int | None = None
+    # int32 [num_documents]: each document's domain (the 'domains' source), else None.
+    self.doc_domains: np.ndarray | None = None
 
   @classmethod
   def from_tokens(cls, tokens: np.ndarray, bos_id: int = ByteTokenizer.BOS_ID,
@@ -158,7 +161,7 @@ def _document_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
 def defaults() -> ml_collections.ConfigDict:
   """The `data` config section."""
   return ml_collections.ConfigDict(dict(
-      source="embedded",     # embedded | text | jsonl | array
+      source="embedded",     # embedded | text | jsonl | array | domains (labelled, framework/domains.py)
       path="",               # glob (text, jsonl) or .npy file (array)
       jsonl_field="text",
       bos_id=1,              # document start marker in 'array' sources
@@ -254,11 +257,11 @@ def _check_array(path: str) -> None:
 
 def _check_path(cfg: Any, source: str) -> None:
   path = _get(cfg, "path")
-  if source == "embedded":
+  if source in ("embedded", "domains"):
     if path:
-      raise _bad("path", f"got {path!r} but data.source='embedded' reads the "
-                 "Python standard library; set data.path='' or choose "
-                 "data.source='text'|'jsonl'|'array'.")
+      raise _bad("path", f"got {path!r} but data.source={source!r} reads "
+                 "the Python standard library (and generates the rest); set "
+                 "data.path='' or choose data.source='text'|'jsonl'|'array'.")
     return
   if not isinstance(path, str) or not path:
     raise _bad("path", f"got {path!r}; set it to a file or glob for "
@@ -391,8 +394,8 @@ def _is_heldout(identity: str, fraction: float) -> bool:
   return int.from_bytes(digest, "little") < fraction * 2.0**64
 
 
-def _pack(docs: list[bytes], name: str) -> PackedStream:
-  """[BOS] bytes [EOS] per document, concatenated."""
+def _pack(docs: list[bytes], name: str, domains: list[int] | None = None) -> PackedStream:
+  """[BOS] bytes [EOS] per document, concatenated; `domains`: each document's domain label."""
   tok = ByteTokenizer()
   dtype = np.uint16 if tok.vocab_size < 65536 else np.int32
   pieces = [tok.encode_bytes(d, dtype=dtype) for d in docs]
@@ -401,6 +404,8 @@ def _pack(docs: list[bytes], name: str) -> PackedStream:
   tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
   stream = PackedStream(tokens, starts[:len(pieces)], name=name)
   stream.vocab_size = tok.vocab_size
+  if domains is not None:
+    stream.doc_domains = np.asarray(domains, np.int32)
   return stream
 
 
@@ -441,6 +446,20 @@ def _read_documents(cfg: Any) -> Iterator[Document]:
   return _jsonl_documents(cfg.path, cfg.jsonl_field)
 
 
+def _build_domains(cfg: Any) -> tuple[PackedStream, PackedStream]:
+  split = {"train": ([], []), "heldout": ([], [])}
+  for identity, data, domain in domains_lib.documents(_embedded_documents(), int(cfg.max_corpus_bytes)):
+    docs, labels = split["heldout" if _is_heldout(identity, float(cfg.heldout_fraction)) else "train"]
+    docs.append(data)
+    labels.append(domain)
+  return tuple(_pack(docs, name, labels) for name, (docs, labels) in split.items())
+
+
+def num_domains(cfg_data: Any) -> int:
+  """How many domain labels the configured source gives its tokens (0: none)."""
+  return len(domains_lib.DOMAINS) if cfg_data.source == "domains" else 0
+
+
 def build_splits(cfg: Any) -> tuple[PackedStream, PackedStream]:
   """Reads the configured source once into (train, heldout) streams.
 
@@ -455,6 +474,8 @@ def build_splits(cfg: Any) -> tuple[PackedStream, PackedStream]:
   begin = time.perf_counter()
   if cfg.source == "array":
     splits = _build_array(cfg)
+  elif cfg.source == "domains":
+    splits = _build_domains(cfg)
   else:
     train, heldout = [], []
     docs = _capped(_read_documents(cfg), int(cfg.max_corpus_bytes))

@@ -88,7 +88,8 @@ def _window_starts(stream: PackedStream, examples: np.ndarray, seed: int,
   return windows * (seq_len + 1)
 
 
-def _features(window: np.ndarray, doc: np.ndarray) -> Batch:
+def _features(window: np.ndarray, doc: np.ndarray,
+              doc_domains: np.ndarray | None = None) -> Batch:
   """Packing features from a window's tokens and each token's document."""
   rows, width = window.shape
   seq_len = width - 1
@@ -98,13 +99,16 @@ def _features(window: np.ndarray, doc: np.ndarray) -> Batch:
   starts[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
   # Column where each token's document starts within the row.
   start_col = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
-  return {
+  features = {
       "inputs": window[:, :-1].astype(np.int32),
       "targets": window[:, 1:].astype(np.int32),
       "segment_ids": (doc_in - doc_in[:, :1] + 1).astype(np.int32),
       "positions": (col - start_col).astype(np.int32),
       "weights": (doc[:, 1:] == doc_in).astype(np.float32),
   }
+  if doc_domains is not None:
+    features["domains"] = doc_domains[doc_in].astype(np.int32)
+  return features
 
 
 def batch_for_step(stream: PackedStream, step: int, *, seed: int,
@@ -132,6 +136,8 @@ def batch_for_step(stream: PackedStream, step: int, *, seed: int,
         offset is not used), so positions are always < seq_len.
       weights (float32): 1 where the target is in the input token's
         document, 0 where it is the next document's first token.
+      domains (only for a stream with domain labels, e.g. the 'domains'
+        source): each input token's document's domain.
 
   Raises:
     ValueError: on bad arguments or a stream with fewer than seq_len + 1
@@ -145,7 +151,7 @@ def batch_for_step(stream: PackedStream, step: int, *, seed: int,
   starts = _window_starts(stream, examples, seed, seq_len)
   positions = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)
   doc = np.searchsorted(stream.doc_starts, positions, side="right") - 1
-  return _features(stream.take(positions), doc)
+  return _features(stream.take(positions), doc, stream.doc_domains)
 
 
 def eval_batches(stream: PackedStream, n: int, *, seed: int,

@@ -30,6 +30,7 @@ DEFAULT_AXIS_RULES = (
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
+    ('expert', 'expert'),
     ('layers', None),
     ('seq', None),
     ('head_dim', None),

@@ -15,10 +15,12 @@ import ml_collections
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from framework import optim
+from framework import corpus, optim
 from framework.config_checks import Context, fail, non_negative, positive
 from framework.mesh import Sharder, shard_count, spread_over
+from framework.models import moe_balance
 from framework.models.layers import ModelConfig
+from framework.models.moe_config import MoEConfig
 from framework.models.transformer import Transformer, flops_per_token
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
@@ -87,7 +89,9 @@ class Trainer:
     reports in its metrics (e.g. an MoE model's expert counts)."""
     self.cfg = cfg
     self.sharder = sharder
-    self.model_cfg = ModelConfig.from_config(cfg.model)
+    batch_shards, _ = shard_count(sharder.rules, dict(sharder.mesh.shape), 'batch')
+    moe = MoEConfig.from_config(cfg, batch_shards, num_domains=corpus.num_domains(cfg.data))
+    self.model_cfg = ModelConfig.from_config(cfg.model, moe)
     self.model = model_cls(self.model_cfg, sharder)
     # Parameters do not depend on how activations are laid out; initialising through a mesh-less twin keeps
     # per-shard kernels (shard_map) away from the one-row dummy batch.
@@ -96,7 +100,9 @@ class Trainer:
     self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
     self.seq_len = cfg.data.seq_len
     self.replicated = NamedSharding(sharder.mesh, PartitionSpec())
-    self.batch_sharding = {k: sharder.sharding(('batch', 'seq')) for k in BATCH_KEYS}
+    # Domain labels travel with the batch when the data has them (for the MoE's per-domain routing statistics).
+    self.batch_keys = BATCH_KEYS + (('domains',) if corpus.num_domains(cfg.data) else ())
+    self.batch_sharding = {k: sharder.sharding(('batch', 'seq')) for k in self.batch_keys}
     self.abstract_state, self.state_shardings = self._abstract_state()
 
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
@@ -135,50 +141,73 @@ class Trainer:
 
   # --- steps -------------------------------------------------------------------------------------------------
 
-  def _micro_loss(self, params, batch):
-    logits, aux = self.model.apply({'params': params}, batch['inputs'], batch['positions'],
-                                   batch['segment_ids'])
-    stats = {**token_losses(logits, batch['targets'], batch['weights']), **aux}
-    return stats['ce_sum'] + self.cfg.train.z_loss * stats['z_sum'], stats
+  def _apply(self, params, batch, balance=None):
+    """The model on one (micro-)batch; an MoE model also gets the step's balance inputs and the domain labels."""
+    extras = {}
+    if self.model_cfg.moe is not None:
+      extras = {'balance': balance, 'domains': batch.get('domains')}
+    return self.model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
+                            **extras)
 
-  def _micro_grads(self, params, micro_batch):
+  def _micro_loss(self, params, batch, balance, loss_scale):
+    """The micro-batch's summed loss. A model's aux_loss is mean-normalised (its sum over the step's micro-batches
+    is the step's mean), so it is scaled by the step's token count like the summed terms are divided by it."""
+    logits, aux = self._apply(params, batch, balance)
+    stats = {**token_losses(logits, batch['targets'], batch['weights']), **aux}
+    loss = stats['ce_sum'] + self.cfg.train.z_loss * stats['z_sum']
+    if 'aux_loss' in stats:
+      loss = loss + loss_scale * stats['aux_loss']
+    return loss, stats
+
+  def _micro_grads(self, params, micro_batch, balance, loss_scale):
     """f32 gradients of one micro-batch's summed loss, its statistics, and its per-micro-batch values."""
-    (_, stats), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(params, micro_batch)
+    (_, stats), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(params, micro_batch, balance, loss_scale)
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     per_micro = {}
     if self.cfg.train.micro_grad_norms:
       per_micro['micro_grad_norm'] = optax.tree.norm(grads) / jnp.maximum(stats['tokens'], 1.0)
     return grads, stats, per_micro
 
-  def _accumulate(self, params, batch):
+  def _accumulate(self, params, batch, loss_scale):
     """Sums gradients and statistics over micro-batches with lax.scan.
 
-    The carry holds sums (gradients, token counts, anything a model adds to `aux`, e.g. expert counts); the
-    scan's per-iteration outputs hold per-micro-batch values (e.g. each micro-batch's gradient norm), stacked
-    on a leading axis of length train.micro_batches.
+    The carry holds sums (gradients, token counts, anything a model adds to `aux`, e.g. expert counts) and, for
+    MoE balance groups spanning micro-batches in the running form, the group's expert counts so far; the scan's
+    per-iteration outputs hold per-micro-batch values (e.g. each micro-batch's gradient norm), stacked on a
+    leading axis of length train.micro_batches.
     """
     n = self.cfg.train.micro_batches
     micro = {k: split_micro_batches(v, n) for k, v in batch.items()}
     micro = {k: self.sharder.constrain(v, (None, 'batch', 'seq')) for k, v in micro.items()}
     param_shardings = self.state_shardings.params
+    plan = moe_balance.plan(self.model_cfg.moe, n, self.seq_len, lambda mb: self._apply(params, mb)[1], micro)
 
-    def body(carry, mb):
-      grads, stats, per_micro = self._micro_grads(params, mb)
+    def one(j, mb, running):
+      balance, extra = plan.balance(j, running)
+      grads, stats, per_micro = self._micro_grads(params, mb, balance, loss_scale)
+      return grads, stats, per_micro, plan.advance(extra, stats)
+
+    def body(carry, xs):
+      j, mb = xs
+      grads, stats, per_micro, running = one(j, mb, carry[2])
       grad_sum = jax.tree.map(jnp.add, carry[0], grads)
       grad_sum = jax.tree.map(jax.lax.with_sharding_constraint, grad_sum, param_shardings)
-      return (grad_sum, jax.tree.map(jnp.add, carry[1], stats)), per_micro
+      return (grad_sum, jax.tree.map(jnp.add, carry[1], stats), running), per_micro
 
     # The first micro-batch seeds the sums (no zero-filled accumulator; with n == 1 there is no loop at all).
-    grads, stats, first = self._micro_grads(params, jax.tree.map(lambda x: x[0], micro))
-    rest = jax.tree.map(lambda x: x[1:], micro)
-    (grad_sum, stat_sum), later = jax.lax.scan(body, (grads, stats), rest) if n > 1 else ((grads, stats), None)
-    per_micro = jax.tree.map(lambda f, l: jnp.concatenate([f[None], l]), first, later) if n > 1 else (
-        jax.tree.map(lambda f: f[None], first))
+    grads, stats, first, running = one(0, jax.tree.map(lambda x: x[0], micro), plan.initial)
+    if n > 1:
+      rest = (jnp.arange(1, n), jax.tree.map(lambda x: x[1:], micro))
+      (grad_sum, stat_sum, _), later = jax.lax.scan(body, (grads, stats, running), rest)
+      per_micro = jax.tree.map(lambda f, l: jnp.concatenate([f[None], l]), first, later)
+    else:
+      grad_sum, stat_sum = grads, stats
+      per_micro = jax.tree.map(lambda f: f[None], first)
     return grad_sum, stat_sum, per_micro
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    grad_sum, stats, per_micro = self._accumulate(state.params, batch)
-    tokens = jnp.maximum(stats['tokens'], 1.0)
+    tokens = jnp.maximum(jnp.sum(batch['weights']), 1.0)
+    grad_sum, stats, per_micro = self._accumulate(state.params, batch, tokens)
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -195,12 +224,13 @@ class Trainer:
         # Checked before every checkpoint, so a diverged state is never saved.
         'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
         **{k: v for k, v in stats.items() if k not in ('ce_sum', 'z_sum', 'tokens')},  # model aux sums
+        **moe_balance.load_metrics(stats),
         **per_micro,
     }
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def _eval_step(self, params, batch) -> dict[str, jax.Array]:
-    logits, _ = self.model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'])
+    logits, _ = self._apply(params, batch)
     losses = token_losses(logits, batch['targets'], batch['weights'])
     return {'ce_sum': losses['ce_sum'], 'tokens': losses['tokens']}
 
@@ -230,7 +260,7 @@ class Trainer:
     """This process's rows (numpy, see `data_shard`) -> global arrays sharded over the batch axes."""
     shape = (self.cfg.train.batch_size, self.seq_len)
     return {k: jax.make_array_from_process_local_data(self.batch_sharding[k], local_batch[k], shape)
-            for k in BATCH_KEYS}
+            for k in self.batch_keys}
 
   @property
   def flops_per_token(self) -> float:

@@ -63,8 +63,6 @@ def compile_train_step(cfg, devices) -> CompiledStep:
   from framework import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from framework import train  # pylint: disable=g-import-not-at-top
   from framework.models import attention  # pylint: disable=g-import-not-at-top
-  from framework.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  from framework.models.transformer import flops_per_token  # pylint: disable=g-import-not-at-top
 
   # 'auto' is resolved from the default backend at trace time, which is this host's CPU; fix it to what it
   # means on the target so the compile is of the program the TPU would run.
@@ -75,7 +73,8 @@ def compile_train_step(cfg, devices) -> CompiledStep:
   sizes = config_lib.validate(cfg, num_devices=len(devices), backend='tpu')
   trainer = train.Trainer(cfg, mesh_lib.make_sharder(cfg, devices))
   shape = (cfg.train.batch_size, cfg.data.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, _BATCH_DTYPES[k], sharding=s) for k, s in trainer.batch_sharding.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, _BATCH_DTYPES.get(k, jnp.int32), sharding=s)
+           for k, s in trainer.batch_sharding.items()}
   lowered = trainer.train_step.lower(trainer.abstract_state, batch)
   kind = devices[0].device_kind
   try:
@@ -87,7 +86,7 @@ def compile_train_step(cfg, devices) -> CompiledStep:
     raise memory_report.DoesNotFit(memory_report.compiler_refusal(str(e), f'{len(devices)} x {kind}')) from None
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  model_flops = flops_per_token(ModelConfig.from_config(cfg.model), cfg.data.seq_len) * shape[0] * shape[1]
+  model_flops = trainer.flops_per_token * shape[0] * shape[1]
   return CompiledStep(compiled=compiled, memory=memory_report.from_compiled(compiled, kind),
                       flops_per_device=float(cost.get('flops', 0.0)), model_flops=model_flops,
                       attention_impl=impl, mesh_sizes=dict(sizes))

@@ -3,6 +3,7 @@
   python -m launch.bench --suite=train      # lm_small train step: tokens/s, MFU, vs a plain single-device step
   python -m launch.bench --suite=train --peer=torch   # ... and vs a plain PyTorch step (pip install -e '.[peer]')
   python -m launch.bench --suite=kernels    # Pallas kernels vs their XLA (and cuDNN) baselines
+  python -m launch.bench --suite=moe        # moe_tiny: dispatch paths vs the dense twin, exact vs running balance
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
@@ -21,9 +22,12 @@ from ml_collections import config_flags
 import configs
 from launch import runtime_flags
 
-_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'all'], 'What to benchmark.')
+_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'all'], 'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
+_MOE_CONFIG = config_flags.DEFINE_config_file('moe_config', os.path.join(os.path.dirname(configs.__file__),
+                                                                         'moe_tiny.py'),
+                                              'MoE config for --suite=moe.', lock_config=True)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (after 2 warm-up steps).')
 _PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a plain PyTorch implementation '
                           "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
@@ -178,6 +182,9 @@ def main(argv):
     runtime_flags.exit_on_user_error(train_suite, _CONFIG.value)
   if _SUITE.value in ('kernels', 'all'):
     kernels_suite(_QUICK.value)
+  if _SUITE.value in ('moe', 'all'):
+    from launch import bench_moe  # pylint: disable=g-import-not-at-top
+    runtime_flags.exit_on_user_error(bench_moe.run, _MOE_CONFIG.value, _STEPS.value)
 
 
 if __name__ == '__main__':

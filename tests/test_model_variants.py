@@ -181,9 +181,9 @@ def loop_unroll(trainer) -> set:
 def test_scan_unroll_auto_unrolls_on_cpu_and_follows_the_mesh_platform(reference):
   trainer = make_trainer()  # model.scan_unroll = 0: auto
   assert loop_unroll(trainer) == {2}  # a CPU mesh: every layer in one iteration
-  assert transformer.scan_unroll(trainer.model_cfg, trainer.sharder) == 2
+  assert transformer.scan_unroll(trainer.model_cfg, trainer.sharder, 2) == 2
   tpu_like = type('TpuSharder', (), {'platform': 'tpu'})()  # what a mesh of TPU devices reports
-  assert transformer.scan_unroll(trainer.model_cfg, tpu_like) == 1
+  assert transformer.scan_unroll(trainer.model_cfg, tpu_like, 2) == 1
   # The rolled loop computes the same thing: same losses, gradients and parameters after every step.
   init, ref_params, ref_losses, _ = reference
   rolled = make_trainer(scan_unroll=1)

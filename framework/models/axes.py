@@ -16,4 +16,5 @@ LOGICAL_AXES = {
     'mlp': 'hidden width of the feed-forward block',
     'vocab': 'vocabulary entries (embedding table rows, logits)',
     'layers': 'the stacked-layer axis of scanned parameters',
+    'expert': 'the experts of an MoE layer (expert parallelism)',
 }

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,12 +32,13 @@ class ModelConfig:
   remat_policy: str
   scan_unroll: int
   attention_impl: str
+  moe: Any = None  # a framework.models.moe_config.MoEConfig, or None for the dense model
 
   @classmethod
-  def from_config(cls, model_cfg) -> 'ModelConfig':
-    fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls)}
+  def from_config(cls, model_cfg, moe=None) -> 'ModelConfig':
+    fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name != 'moe'}
     fields['head_dim'] = model_config.head_dim(model_cfg)
-    return cls(**fields)
+    return cls(**fields, moe=moe)
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], std: float,
@@ -79,14 +81,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class SwiGLU(nn.Module):
   cfg: ModelConfig
   sharder: object
+  d_ff: int = 0  # hidden width; 0: cfg.d_ff
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.cfg
-    w_gate = param(self, 'wi_gate', (c.d_model, c.d_ff), ('embed', 'mlp'), c.init_std, c)
-    w_up = param(self, 'wi_up', (c.d_model, c.d_ff), ('embed', 'mlp'), c.init_std, c)
+    d_ff = self.d_ff or c.d_ff
+    w_gate = param(self, 'wi_gate', (c.d_model, d_ff), ('embed', 'mlp'), c.init_std, c)
+    w_up = param(self, 'wi_up', (c.d_model, d_ff), ('embed', 'mlp'), c.init_std, c)
     # GPT-2 style: residual-branch outputs start smaller so the stream's variance does not grow with depth.
-    w_out = param(self, 'wo', (c.d_ff, c.d_model), ('mlp', 'embed'), c.init_std / (2 * c.n_layers) ** 0.5, c)
+    w_out = param(self, 'wo', (d_ff, c.d_model), ('mlp', 'embed'), c.init_std / (2 * c.n_layers) ** 0.5, c)
     h = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
     h = self.sharder.constrain(h, ('batch', 'seq', 'mlp'))
     return dense(h, w_out)
