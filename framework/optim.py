@@ -82,11 +82,15 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
       [warmup, stable_end])
 
 
+# Parameters the optimizer never decays: norm scales (which scan stacks into [layers, d]) and the MoE router's
+# expert biases, which get no gradient and move only by their own balancing rule (framework/models/moe_balance.py).
+NO_DECAY = ('scale', 'expert_bias')
+
+
 def decay_mask(params):
-  """Weight decay and trust ratios on weight matrices only, never on norm scales (which scan stacks into
-  [layers, d])."""
+  """Weight decay and trust ratios on weight matrices only, never on the NO_DECAY parameters."""
   def decays(path, _):
-    return getattr(path[-1], 'key', None) != 'scale'
+    return getattr(path[-1], 'key', None) not in NO_DECAY
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -211,6 +211,8 @@ class Trainer:
     grads = jax.tree.map(lambda g: g / tokens, grad_sum)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if self.model_cfg.moe is not None:
+      params = moe_balance.update_expert_bias(params, stats['moe_counts'], self.model_cfg.moe.bias_update_rate)
     loss = stats['ce_sum'] / tokens
     grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
     metrics = {

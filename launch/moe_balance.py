@@ -111,7 +111,8 @@ def write_tables(runs: list[dict], out: str, command: str) -> None:
   for r in runs:
     lines.append(f"| {r['label']} | {r['seed']} | {r['train_loss']:.4f} | {r['heldout_loss']:.4f} | "
                  f"{r['max_over_mean']:.3f} | {r['domain_expert_mi_bits']:.3f} | {r['top_expert_share']:.3f} |")
-  lines += ['', '| balance group | runs | held-out loss (mean) | MI bits (mean) | max/mean (mean) |', '|---|---|---|---|---|']
+  lines += ['', '| balance group | runs | held-out loss (mean) | MI bits (mean) | max/mean (mean) |',
+            '|---|---|---|---|---|']
   for label, group in sorted({(r['label'], r['group']) for r in runs}, key=lambda x: x[1]):
     rs = [r for r in runs if r['group'] == group]
     lines.append(f"| {label} | {len(rs)} | {np.mean([r['heldout_loss'] for r in rs]):.4f} | "

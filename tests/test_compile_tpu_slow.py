@@ -50,3 +50,16 @@ def test_lm_tiny_with_pallas_attention_compiles_for_v5e():
 def test_bad_topology_names_examples():
   with pytest.raises(ValueError, match=r"--topology='v5e:3x3'.*use e\.g\. v5e:2x2"):
     aot.topology_devices('v5e:3x3')
+
+
+def test_moe_tiny_with_the_pallas_grouped_matmul_compiles_for_an_expert_parallel_v5e():
+  from configs import moe_tiny
+  cfg = moe_tiny.get_config()
+  cfg.model.attention_impl = 'pallas'
+  cfg.moe.gmm_impl = 'auto'  # the Pallas grouped matmul on TPU
+  cfg.mesh.update(data=2, expert=2)
+  step = aot.compile_train_step(cfg, aot.topology_devices('v5e:2x2'))
+  hlo = step.hlo_text()
+  assert 'tpu_custom_call' in hlo
+  assert 'grouped_matmul_tpu' in hlo and 'transposed_grouped_matmul_tpu' in hlo  # forward and weight gradient
+  assert 0 < step.memory.total < step.memory.hbm

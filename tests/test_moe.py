@@ -244,6 +244,11 @@ def test_whole_batch_step_moves_experts_and_router(whole_batch_step):
   for name in ('router', 'wi_gate', 'wo'):
     assert max(np.abs(v).max() for k, v in g.items() if f"'{name}'" in k and 'moe' in k) > 1e-4, name
   assert float(metrics['aux_loss']) > 0
+  counts = np.asarray(metrics['moe_counts'])  # [layers, E]: every token's k choices counted once
+  np.testing.assert_array_equal(counts.sum(-1), BATCH * SEQ * K)
+  np.testing.assert_allclose(metrics['moe_load'], counts / counts.sum(-1, keepdims=True), rtol=1e-6)
+  np.testing.assert_allclose(metrics['moe_max_over_mean'], counts.max(-1) / counts.mean(-1), rtol=1e-6)
+  assert np.all((metrics['moe_entropy'] > 0) & (metrics['moe_entropy'] <= np.log(E) + 1e-6))
 
 
 MESHES = {
@@ -336,5 +341,108 @@ def test_domain_expert_information_is_zero_for_shared_use_and_log_d_for_private_
   counts = rng.integers(0, 20, size=(4, 8)).astype(np.float64)
   joint = counts / counts.sum()
   outer = joint.sum(1, keepdims=True) * joint.sum(0, keepdims=True)
-  expected = np.sum(np.where(joint > 0, joint * np.log2(joint / outer), 0))
+  expected = np.sum(joint * np.log2(np.where(joint > 0, joint, outer) / outer))
   np.testing.assert_allclose(domain_expert_information(jnp.asarray(counts)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('mesh, n_devices', [(dict(data=2, expert=4), 8), (dict(expert=2), 2), (dict(data=1), 1)])
+def test_moe_checkpoint_restores_onto_another_expert_split(mesh, n_devices, tmp_path):
+  from framework import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  saved_cfg = moe_cfg(dict(data=2, expert=2, tensor=2))
+  saved_cfg.checkpoint.update(async_save=False)
+  trainer = trainer_for(saved_cfg)
+  rng = np.random.default_rng(0)
+  host = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype) if s.shape else np.asarray(3, s.dtype),
+                      trainer.abstract_state)
+  state = jax.device_put(host, trainer.state_shardings)
+  expert_w = state.params['layers']['moe']['wi_gate']
+  assert expert_w.addressable_shards[0].data.shape[1] == E // 2  # [layers, experts, d, f]: experts split 2-way
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), saved_cfg.checkpoint)
+  checkpointer.save(3, state, {'next_step': 3, 'seed': 0}, {}, force=True)
+  checkpointer.close()
+
+  cfg = moe_cfg(mesh)
+  target = trainer_for(cfg, n_devices)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'ckpt'), cfg.checkpoint)
+  try:
+    restored, _ = checkpointer.restore(3, target.abstract_state)
+  finally:
+    checkpointer.close()
+  assert_trees_close(jax.device_get(restored), host, 'restored', rtol=0, atol=0)
+  w = restored.params['layers']['moe']['wi_gate']
+  assert w.addressable_shards[0].data.shape[1] == E // mesh.get('expert', 1)
+
+
+def test_expert_bias_changes_the_choice_not_the_weights():
+  logits = jnp.asarray(np.random.default_rng(5).standard_normal((4, 6, E)), jnp.float32)
+  m = _moe(router='sigmoid')
+  bias = jnp.asarray([10.0, 0, 0, -10.0])  # expert 0 always chosen, expert 3 never
+  idx, gates, _ = moe_lib.route(logits, m, bias)
+  assert np.all(np.asarray(idx)[..., 0] == 0) and not np.any(np.asarray(idx) == 3)
+  s = 1 / (1 + np.exp(-np.asarray(logits)))
+  chosen = np.take_along_axis(s, np.asarray(idx), -1)
+  np.testing.assert_allclose(gates, chosen / chosen.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_loss_free_balancing_moves_biases_toward_even_load_and_nothing_else(init_params, whole_batch_step):
+  rate = 0.01
+  cfg = moe_cfg(bias_update_rate=rate)
+  trainer = trainer_for(cfg)
+  host = jax.device_get(trainer.init(jax.random.key(0)))
+  bias_free = {k: v for k, v in flat(host.params).items() if 'expert_bias' not in k}
+  assert bias_free.keys() == flat(init_params.params).keys()
+  # The same start as the other tests, biases at zero: routing, loss and every other gradient are unchanged.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x if 'expert_bias' in jax.tree_util.keystr(p) else flat(init_params.params)[jax.tree_util.keystr(p)],
+      host.params)
+  host = host.replace(params=params)
+  grads, metrics = step(cfg, host)
+  g = flat(grads)
+  counts = np.asarray(metrics['moe_counts'])  # [layers, E]
+  np.testing.assert_allclose(-g["['layers']['moe']['expert_bias']"], rate * np.sign(counts.mean(-1, keepdims=True)
+                                                                                    - counts), rtol=1e-6)
+  expected = flat(whole_batch_step[0])
+  for k, v in g.items():
+    if 'expert_bias' not in k:
+      np.testing.assert_allclose(v, expected[k], rtol=RTOL, atol=ATOL, err_msg=k)
+
+
+def test_extra_micro_term_is_the_micro_scope_loss_with_its_own_weight(init_params):
+  _, micro = step(moe_cfg(dict(data=2), balance_scope='micro', micro_batches=2), init_params)
+  _, both = step(moe_cfg(dict(data=2), balance_scope='global', micro_batches=2, balance_micro_weight=0.1,
+                         balance_exact=True), init_params)
+  np.testing.assert_allclose(both['moe_balance_micro'], micro['moe_balance'], rtol=1e-5)
+  expected = BALANCE_WEIGHT * both['moe_balance'] + 0.1 * both['moe_balance_micro'] + 1e-2 * both['moe_router_z']
+  np.testing.assert_allclose(both['aux_loss'], expected, rtol=1e-5)
+
+
+def test_shared_experts_add_a_plain_swiglu_to_the_routed_output():
+  from framework.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  cfg = moe_cfg(shared_experts=2)
+  m = MoEConfig.from_config(cfg, 1)
+  layer = moe_lib.MoE(ModelConfig.from_config(cfg.model, m), Sharder(None, ()))
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, SEQ, 32)), jnp.float32)
+  args = (jnp.zeros((E,)), jnp.float32(2 * SEQ * K))
+  params = layer.init(jax.random.key(1), x, *args)['params']
+  params = jax.tree.map(lambda p: p.unbox() if hasattr(p, 'unbox') else p, params,
+                        is_leaf=lambda p: hasattr(p, 'unbox'))
+  y, _ = layer.apply({'params': params}, x, *args)
+  idx, gates, _ = moe_lib.route(x @ params['router'], m)
+  routed = moe_dispatch.expert_ffn(x, idx, gates, {k: params[k] for k in ('wi_gate', 'wi_up', 'wo')}, moe=m,
+                                   sharder=Sharder(None, ()), platform='cpu')
+  s = params['shared']
+  assert s['wi_gate'].shape == (32, 2 * 64)  # two experts' worth of hidden units (d_ff_expert = model.d_ff = 64)
+  shared = (jax.nn.silu(x @ s['wi_gate']) * (x @ s['wi_up'])) @ s['wo']
+  np.testing.assert_allclose(y, routed + shared, rtol=1e-5, atol=1e-6)
+
+
+def test_every_other_layer_sigmoid_shared_capacity_variant_is_the_same_on_a_mesh():
+  changes = dict(every=2, shared_experts=1, router='sigmoid', dispatch='capacity', capacity_factor=1.0)
+  one = trainer_for(moe_cfg(**changes))
+  host = jax.device_get(one.init(jax.random.key(0)))
+  assert set(host.params['layers']) == {'dense', 'moe_block'}  # layer 0 dense, layer 1 MoE
+  grads, metrics = step(moe_cfg(**changes), host)
+  mesh_grads, mesh_metrics = step(moe_cfg(dict(fsdp=2, expert=2, tensor=2), **changes), host)
+  assert np.asarray(metrics['moe_counts']).shape == (1, E)
+  assert_trees_close(mesh_grads, grads, 'every=2 variant on a mesh')
+  np.testing.assert_array_equal(mesh_metrics['moe_dropped'], metrics['moe_dropped'])

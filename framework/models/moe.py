@@ -23,23 +23,24 @@ from framework.models.dense import dense
 from framework.models.layers import ModelConfig, SwiGLU, param
 
 
-def route(logits: jax.Array, moe) -> tuple[jax.Array, jax.Array, jax.Array]:
+def route(logits: jax.Array, moe, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Router logits [..., E] (f32) -> (expert ids [..., k], combine weights [..., k], balance probabilities [..., E]).
 
   softmax: weights are the chosen probabilities (renormalised over the k if moe.normalize_top_k); sigmoid: each
   expert's score is sigmoid(logit), weights are the chosen scores over their sum, and the balance probabilities
-  the scores normalised over all experts (DeepSeek-V3).
+  the scores normalised over all experts (DeepSeek-V3). `bias` [E] (auxiliary-loss-free balancing) is added to
+  the scores only to choose the experts; the weights are the unbiased scores.
   """
   if moe.router == 'softmax':
-    probs = jax.nn.softmax(logits, axis=-1)
-    weights, idx = jax.lax.top_k(probs, moe.top_k)
-    if moe.normalize_top_k:
-      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return idx, weights, probs
-  scores = jax.nn.sigmoid(logits)
-  weights, idx = jax.lax.top_k(scores, moe.top_k)
-  weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return idx, weights, scores / jnp.sum(scores, axis=-1, keepdims=True)
+    scores = probs = jax.nn.softmax(logits, axis=-1)
+  else:
+    scores = jax.nn.sigmoid(logits)
+    probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+  _, idx = jax.lax.top_k(scores if bias is None else scores + bias, moe.top_k)
+  weights = jnp.take_along_axis(scores, idx, axis=-1)
+  if moe.router == 'sigmoid' or moe.normalize_top_k:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return idx, weights, probs
 
 
 def group_balance(counts: jax.Array, probsum: jax.Array, rows: int, groups_per_step: int, seq_len: int,
@@ -84,7 +85,11 @@ class MoE(nn.Module):
     # The router in f32 whatever the compute dtype: top-k ties and small logit gaps decide where tokens go.
     logits = dense(x.astype(jnp.float32), w_router.astype(jnp.float32))
     logits = sh.constrain(logits, ('batch', 'seq', None))
-    idx, gates, probs = route(logits, m)
+    bias = None
+    if m.bias_update_rate:
+      init = nn.with_logical_partitioning(nn.initializers.zeros, (None,))
+      bias = jax.lax.stop_gradient(self.param('expert_bias', init, (e,), jnp.float32))
+    idx, gates, probs = route(logits, m, bias)
     self.sow('intermediates', 'router_probs', probs)  # kept only when the caller asks (tests, analysis)
     b, s, _ = x.shape
     capacity = m.capacity(s) if m.dispatch == 'capacity' else 0

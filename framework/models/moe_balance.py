@@ -65,13 +65,15 @@ def plan(moe, micro_batches: int, seq_len: int, route: Callable[[dict], dict], m
 
 
 def load_metrics(stats: dict) -> dict:
-  """Derived MoE metrics from the step's summed statistics: per MoE layer, the busiest expert's load over the
-  mean load ('moe_max_over_mean', 1 = perfectly even), and its maximum over layers. Empty for a dense model."""
+  """Derived MoE metrics from the step's summed statistics, per MoE layer: each expert's share of the routing
+  slots ('moe_load'), the busiest expert's load over the mean ('moe_max_over_mean', 1 = perfectly even) and its
+  worst layer, and with domain labels the domain-expert mutual information. Empty for a dense model."""
   if 'moe_counts' not in stats:
     return {}
   counts = stats['moe_counts']
   ratio = jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
-  out = {'moe_max_over_mean': ratio, 'moe_max_over_mean_worst': jnp.max(ratio)}
+  out = {'moe_load': counts / jnp.maximum(counts.sum(-1, keepdims=True), 1e-9), 'moe_max_over_mean': ratio,
+         'moe_max_over_mean_worst': jnp.max(ratio)}
   if 'moe_domain_counts' in stats:
     out['moe_domain_mi'] = domain_expert_information(stats['moe_domain_counts'])
   return out
@@ -85,3 +87,16 @@ def domain_expert_information(domain_counts: jax.Array) -> jax.Array:
   pe = joint.sum(-2, keepdims=True)
   terms = jnp.where(joint > 0, joint * jnp.log2(jnp.maximum(joint, 1e-30) / jnp.maximum(pd * pe, 1e-30)), 0.0)
   return terms.sum((-2, -1))
+
+
+def update_expert_bias(params, counts: jax.Array, rate: float):
+  """Auxiliary-loss-free balancing (DeepSeek-V3): after each step, every MoE layer's expert bias moves by `rate`
+  toward even load, b_i += rate * sign(mean load - load_i), from the step's routing counts [MoE layers, E]."""
+  if not rate:
+    return params
+
+  def update(path, x):
+    if getattr(path[-1], 'key', None) != 'expert_bias':
+      return x
+    return x + rate * jnp.sign(jnp.mean(counts, axis=-1, keepdims=True) - counts).reshape(x.shape)
+  return jax.tree_util.tree_map_with_path(update, params)

@@ -52,6 +52,8 @@ def defaults() -> ml_collections.ConfigDict:
       capacity_factor=1.25,      # capacity path: slots per expert per sequence = ceil(factor * seq * k / E)
       gmm_impl='auto',           # dropless matmuls: auto | ragged_dot | pallas | blocked
       gmm_block_rows=128,        # 'blocked': rows per block (each expert's rows padded to a multiple)
+      bias_update_rate=0.0,      # > 0: auxiliary-loss-free balancing (DeepSeek-V3): per-expert router biases,
+                                 # used only to choose experts, moved by this much per step toward even load
   ))
 
 
@@ -84,6 +86,7 @@ class MoEConfig:
   micro_rows: int
   micros_per_group: int
   batch_size: int
+  bias_update_rate: float = 0.0
   num_domains: int = 0
 
   @property
@@ -107,7 +110,7 @@ class MoEConfig:
                capacity_factor=m.capacity_factor, gmm_impl=m.gmm_impl, gmm_block_rows=m.gmm_block_rows,
                balance_rows=min(group, micro), groups_per_step=cfg.train.batch_size // group,
                micro_rows=micro // batch_shards, micros_per_group=max(group // micro, 1),
-               batch_size=cfg.train.batch_size, num_domains=num_domains)
+               batch_size=cfg.train.batch_size, bias_update_rate=m.bias_update_rate, num_domains=num_domains)
 
   def capacity(self, seq_len: int) -> int:
     """Slots per expert per sequence on the capacity path."""
@@ -128,7 +131,7 @@ def structure(cfg) -> dict:
   if not m['num_experts']:
     return {'moe.num_experts': 0}
   return {'moe.num_experts': m['num_experts'], 'moe.every': m['every'], 'moe.d_ff_expert': m['d_ff_expert'],
-          'moe.shared_experts': m['shared_experts']}
+          'moe.shared_experts': m['shared_experts'], 'moe.expert_bias': bool(m.get('bias_update_rate', 0.0))}
 
 
 def moe_layers(n_layers: int, every: int) -> tuple[int, ...]:
@@ -139,7 +142,7 @@ def moe_layers(n_layers: int, every: int) -> tuple[int, ...]:
 def validate(cfg, ctx: Context) -> None:
   m = cfg.moe
   non_negative(m, 'moe', 'num_experts', 'd_ff_expert', 'shared_experts', 'router_z_loss', 'balance_weight',
-               'balance_micro_weight', 'balance_group')
+               'balance_micro_weight', 'balance_group', 'bias_update_rate')
   if not m.num_experts:
     return
   positive(m, 'moe', 'top_k', 'every', 'capacity_factor', 'gmm_block_rows')
