@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from framework import checkpoint, corpus, mesh, metrics, optim, train
+from framework import checkpoint, corpus, mesh, metrics, optim, scaling, train
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
 from framework.models import moe_config
@@ -22,6 +22,7 @@ SECTIONS = (
     ('train', train),
     ('moe', moe_config),
     ('optim', optim),
+    ('scaling', scaling),
     ('checkpoint', checkpoint),
     ('metrics', metrics),
 )

@@ -19,6 +19,7 @@ from framework import data as data_lib
 from framework import data_identity
 from framework import metrics as metrics_lib
 from framework import resume
+from framework import scaling
 from framework.mesh import make_sharder
 from framework.models.transformer import num_params
 from framework.train import Trainer
@@ -92,6 +93,9 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
   """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
+  cfg = cfg.copy_and_resolve_references()
+  for field, old, new, why in scaling.apply(cfg):
+    logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
   resume.check_workdir(workdir)
   train_data, heldout = data_lib.load_splits(cfg.data)
   for split in (train_data, heldout):

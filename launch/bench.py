@@ -118,6 +118,9 @@ def train_suite(cfg) -> None:
   from framework.train import Trainer  # pylint: disable=g-import-not-at-top
 
   if _PEER.value == 'torch':
+    if cfg.moe.num_experts:
+      raise ValueError('--peer=torch implements the dense model only; use a config with moe.num_experts=0 (or '
+                       '--suite=moe for MoE timings)')
     _import_torch()  # fail before minutes of setup, not after
   devices = jax.devices()
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
