@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from framework import checkpoint, corpus, mesh, metrics, optim, scaling, train
+from framework import checkpoint, corpus, mesh, metrics, noise_scale, optim, scaling, train
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
 from framework.models import moe_config
@@ -23,6 +23,7 @@ SECTIONS = (
     ('moe', moe_config),
     ('optim', optim),
     ('scaling', scaling),
+    ('noise_scale', noise_scale),
     ('checkpoint', checkpoint),
     ('metrics', metrics),
 )

@@ -19,6 +19,7 @@ from framework import data as data_lib
 from framework import data_identity
 from framework import metrics as metrics_lib
 from framework import resume
+from framework import noise_scale
 from framework import scaling
 from framework.mesh import make_sharder
 from framework.models.transformer import num_params
@@ -75,6 +76,12 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def _observe(noise, step: int, metrics: dict) -> None:
+  """Feeds a step's metrics to the noise-scale estimate (framework/noise_scale.py), when it is on."""
+  if noise is not None:
+    noise.observe(step, metrics)
+
+
 def _log_progress(done: int, steps: int, record: dict, eta: float) -> None:
   speed = (f"  {record['tokens_per_s']:.0f} tok/s  MFU {100 * record['mfu']:.1f}%" if 'tokens_per_s' in record
            else '')
@@ -129,6 +136,9 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
     state = trainer.init(jax.random.key(cfg.seed))
 
   steps, t = cfg.train.steps, cfg.train
+  noise = None
+  if cfg.noise_scale.enabled:  # continues the saved EMA on resume
+    noise = noise_scale.NoiseScale(cfg.noise_scale.ema, data_state.get('noise_scale') if latest is not None else None)
   tokens_per_step = t.batch_size * cfg.data.seq_len
   peak, peak_source = metrics_lib.peak_flops(devices, cfg.metrics.peak_flops_per_device)
   logging.info('Model: %.2fM parameters, %.3g FLOPs/token; mesh %s; peak %.3g FLOP/s (%s)',
@@ -156,7 +166,9 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
       state, metrics = trainer.train_step(state, trainer.device_batch(next(batches)))
       done = step + 1
       if pending is not None:  # a step behind, so the device is never idle waiting on the host
-        _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
+        pending_values = jax.device_get(pending[1])
+        _raise_if_diverged(pending[0], pending_values, last_saved, workdir)
+        _observe(noise, pending[0], pending_values)
       pending = (done, metrics)
       if window_start is None:  # the first step includes compilation: time from its end
         jax.block_until_ready(metrics)
@@ -171,8 +183,11 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
       values = jax.device_get(metrics) if (do_log or do_eval or do_save) else None
       if values is not None:
         _raise_if_diverged(done, values, last_saved, workdir)
+        _observe(noise, done, values)
       if do_log or do_eval:
         record = {k: v for k, v in values.items() if k != 'finite'}
+        if noise is not None:
+          record.update(noise.values())
         if window_steps:  # steps timed since the last log / eval / save, compilation and those excluded
           elapsed = time.perf_counter() - window_start
           tokens_per_s = window_steps * tokens_per_step / elapsed
@@ -185,7 +200,10 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
           _log_progress(done, steps, record, eta=(steps - done) * (time.perf_counter() - run_start) /
                         max(done - start - 1, 1))
       if do_save:
-        if checkpointer.save(done, state, {'next_step': done, 'seed': cfg.seed, 'stream': data_record},
+        data_state = {'next_step': done, 'seed': cfg.seed, 'stream': data_record}
+        if noise is not None:
+          data_state['noise_scale'] = noise.state()
+        if checkpointer.save(done, state, data_state,
                              ckpt_lib.config_to_json(cfg), force=True):
           last_saved = done
       if do_log or do_eval or do_save:

@@ -166,6 +166,9 @@ class Trainer:
     per_micro = {}
     if self.cfg.train.micro_grad_norms:
       per_micro['micro_grad_norm'] = optax.tree.norm(grads) / jnp.maximum(stats['tokens'], 1.0)
+    if self.cfg.noise_scale.enabled:  # the micro-batch's mean gradient, squared norm (framework/noise_scale.py)
+      per_micro['gns_micro_sq'] = optax.tree.norm(grads, squared=True) / jnp.maximum(stats['tokens'], 1.0) ** 2
+      per_micro['gns_micro_tokens'] = stats['tokens']
     return grads, stats, per_micro
 
   def _accumulate(self, params, batch, loss_scale):
@@ -227,8 +230,11 @@ class Trainer:
         'finite': jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm),
         **{k: v for k, v in stats.items() if k not in ('ce_sum', 'z_sum', 'tokens')},  # model aux sums
         **moe_balance.load_metrics(stats),
-        **per_micro,
+        **{k: v for k, v in per_micro.items() if not k.startswith('gns_')},
     }
+    if self.cfg.noise_scale.enabled:  # the two batch sizes' terms of the noise-scale estimate
+      metrics.update(gns_small_sq=jnp.mean(per_micro['gns_micro_sq']), gns_big_sq=optax.tree.norm(grads, squared=True),
+                     gns_b_small=jnp.mean(per_micro['gns_micro_tokens']), gns_b_big=stats['tokens'])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def _eval_step(self, params, batch) -> dict[str, jax.Array]:
