@@ -35,7 +35,8 @@ import numpy as np
 from framework.corpus import (SOURCES, PackedStream, build_splits,
                               validate_data_config)
 
-__all__ = ["SOURCES", "PackedStream", "DataIterator", "batch_for_step",
+__all__ = ["SOURCES", "PackedStream", "DataIterator", "batch_at",
+           "batch_for_step",
            "check_vocab", "eval_batches", "load_splits",
            "validate_data_config"]
 
@@ -145,8 +146,25 @@ def batch_for_step(stream: PackedStream, step: int, *, seed: int,
   """
   _check_batch_args(stream, step, seed, global_batch, seq_len, process_index,
                     process_count)
+  return batch_at(stream, step * global_batch, seed=seed,
+                  global_batch=global_batch, seq_len=seq_len,
+                  process_index=process_index, process_count=process_count)
+
+
+def batch_at(stream: PackedStream, first_example: int, *, seed: int,
+             global_batch: int, seq_len: int, process_index: int = 0,
+             process_count: int = 1) -> Batch:
+  """The batch of global examples first_example ... + global_batch - 1.
+
+  The same as batch_for_step(step) when first_example = step * global_batch;
+  counting examples rather than steps lets the batch size change (between
+  runs, or during one) without skipping or repeating an example.
+  """
+  _require_int("first_example", first_example, 0)
+  _check_batch_args(stream, 0, seed, global_batch, seq_len, process_index,
+                    process_count)
   local = global_batch // process_count
-  first = step * global_batch + process_index * local
+  first = first_example + process_index * local
   examples = first + np.arange(local, dtype=np.int64)
   starts = _window_starts(stream, examples, seed, seq_len)
   positions = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)
@@ -218,7 +236,9 @@ class _Failure:
 class DataIterator:
   """Batches for steps start_step, start_step + 1, ... with optional prefetch.
 
-  Each batch equals `batch_for_step(stream, step, ...)`; a daemon thread
+  Each batch equals `batch_for_step(stream, step, ...)` (with start_example
+  given: `batch_at` the example offset, which advances by global_batch per
+  batch whatever batch size came before); a daemon thread
   builds up to `prefetch` of them ahead. An exception raised while building
   a batch is re-raised from `__next__`. `state()` counts batches handed to the
   consumer, not built, so prefetched batches are never skipped on resume.
@@ -226,10 +246,16 @@ class DataIterator:
 
   def __init__(self, stream: PackedStream, *, seed: int, global_batch: int,
                seq_len: int, start_step: int = 0, process_index: int = 0,
-               process_count: int = 1, prefetch: int = 2):
+               process_count: int = 1, prefetch: int = 2,
+               start_example: int | None = None):
     _check_batch_args(stream, start_step, seed, global_batch, seq_len,
                       process_index, process_count)
     _require_int("prefetch", prefetch, 0)
+    if start_example is None:
+      start_example = start_step * global_batch
+    _require_int("start_example", start_example, 0)
+    self._global_batch = global_batch
+    self._next_example = start_example
     self._stream = stream
     self._seed = seed
     self._kwargs = dict(seed=seed, global_batch=global_batch, seq_len=seq_len,
@@ -242,7 +268,8 @@ class DataIterator:
     self._queue: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
     self._thread = None
     if prefetch > 0:
-      self._thread = threading.Thread(target=self._work, args=(start_step,),
+      self._thread = threading.Thread(target=self._work,
+                                      args=(start_step, start_example),
                                       name="batchax-data", daemon=True)
       self._thread.start()
 
@@ -255,15 +282,19 @@ class DataIterator:
     if self._failure is not None:
       raise self._failure
     if self._thread is None:
-      batch = batch_for_step(self._stream, self._next_step, **self._kwargs)
+      batch = batch_at(self._stream, self._next_example, **self._kwargs)
     else:
       batch = self._take()
     self._next_step += 1
+    self._next_example += self._global_batch
     return batch
 
   def state(self) -> dict[str, int]:
-    """JSON-able position to checkpoint; resume with start_step=next_step."""
-    return {"next_step": self._next_step, "seed": self._seed}
+    """JSON-able position to checkpoint; resume with start_step=next_step,
+    start_example=next_example (the example offset is what keeps the data
+    exact if the batch size differs on resume)."""
+    return {"next_step": self._next_step, "next_example": self._next_example,
+            "seed": self._seed}
 
   def close(self) -> None:
     """Stops the prefetch thread; safe to call more than once."""
@@ -279,13 +310,14 @@ class DataIterator:
   def __exit__(self, *exc_info) -> None:
     self.close()
 
-  def _work(self, step: int) -> None:
+  def _work(self, step: int, example: int) -> None:
     try:
       while not self._stop.is_set():
-        batch = batch_for_step(self._stream, step, **self._kwargs)
+        batch = batch_at(self._stream, example, **self._kwargs)
         if not self._put((step, batch)):
           return
         step += 1
+        example += self._global_batch
     except BaseException as e:  # Any failure must reach the consumer.
       e.add_note(f"(raised in the data prefetch thread building step {step})")
       self._put(_Failure(e))

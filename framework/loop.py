@@ -76,6 +76,18 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+def _resume_example(checkpointer, step: int, data_state: dict, batch_size: int) -> int:
+  """The first example the resumed run reads: the checkpoint's example offset, so a run resumed with another
+  train.batch_size neither skips nor repeats an example (a checkpoint from before offsets were saved: its step
+  times the batch size it was saved with)."""
+  saved_batch = checkpointer.saved_json(step, 'config').get('train', {}).get('batch_size', batch_size)
+  example = int(data_state.get('next_example', int(data_state['next_step']) * saved_batch))
+  if saved_batch != batch_size:
+    logging.warning('train.batch_size is %d, the checkpoint was written with %d: resuming at example %d of the '
+                    'stream, so no example is skipped or seen twice', batch_size, saved_batch, example)
+  return example
+
+
 def _observe(noise, step: int, metrics: dict) -> None:
   """Feeds a step's metrics to the noise-scale estimate (framework/noise_scale.py), when it is on."""
   if noise is not None:
@@ -127,15 +139,18 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
 
   trainer = Trainer(cfg, make_sharder(cfg, devices))
   data_shard = trainer.data_shard()
-  state, start = None, 0
+  state, start, start_example = None, 0, 0
+  t = cfg.train
   if latest is not None:
     state, data_state = checkpointer.restore(latest, trainer.abstract_state)
     start = int(data_state['next_step'])
-    logging.info('Resumed from %s/%d (data position: step %d)', checkpointer.directory, latest, start)
+    start_example = _resume_example(checkpointer, latest, data_state, t.batch_size)
+    logging.info('Resumed from %s/%d (data position: step %d, example %d)', checkpointer.directory, latest, start,
+                 start_example)
   else:
     state = trainer.init(jax.random.key(cfg.seed))
 
-  steps, t = cfg.train.steps, cfg.train
+  steps = t.steps
   noise = None
   if cfg.noise_scale.enabled:  # continues the saved EMA on resume
     noise = noise_scale.NoiseScale(cfg.noise_scale.ema, data_state.get('noise_scale') if latest is not None else None)
@@ -151,8 +166,8 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
     return {'step': start}
 
   writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, resume_step=start)
-  batches = data_lib.DataIterator(train_data, start_step=start, seed=cfg.seed, global_batch=t.batch_size,
-                                  seq_len=cfg.data.seq_len, process_index=data_shard[0],
+  batches = data_lib.DataIterator(train_data, start_step=start, start_example=start_example, seed=cfg.seed,
+                                  global_batch=t.batch_size, seq_len=cfg.data.seq_len, process_index=data_shard[0],
                                   process_count=data_shard[1], prefetch=cfg.data.prefetch)
   last_saved = checkpointer.latest_step() if checkpointer else None
   record: dict = {}
@@ -200,7 +215,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
           _log_progress(done, steps, record, eta=(steps - done) * (time.perf_counter() - run_start) /
                         max(done - start - 1, 1))
       if do_save:
-        data_state = {'next_step': done, 'seed': cfg.seed, 'stream': data_record}
+        data_state = {**batches.state(), 'stream': data_record}
         if noise is not None:
           data_state['noise_scale'] = noise.state()
         if checkpointer.save(done, state, data_state,

@@ -4,6 +4,7 @@
   python -m launch.bench --suite=train --peer=torch   # ... and vs a plain PyTorch step (pip install -e '.[peer]')
   python -m launch.bench --suite=kernels    # Pallas kernels vs their XLA (and cuDNN) baselines
   python -m launch.bench --suite=moe        # moe_tiny: dispatch paths vs the dense twin, exact vs running balance
+  python -m launch.bench --suite=noise_scale --config=configs/lm_tiny.py   # step time with / without the estimate
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
@@ -22,7 +23,8 @@ from ml_collections import config_flags
 import configs
 from launch import runtime_flags
 
-_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'all'], 'What to benchmark.')
+_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'all'],
+                           'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
 _MOE_CONFIG = config_flags.DEFINE_config_file('moe_config', os.path.join(os.path.dirname(configs.__file__),
@@ -188,6 +190,9 @@ def main(argv):
   if _SUITE.value in ('moe', 'all'):
     from launch import bench_moe  # pylint: disable=g-import-not-at-top
     runtime_flags.exit_on_user_error(bench_moe.run, _MOE_CONFIG.value, _STEPS.value)
+  if _SUITE.value in ('noise_scale', 'all'):
+    from launch import bench_noise_scale  # pylint: disable=g-import-not-at-top
+    runtime_flags.exit_on_user_error(bench_noise_scale.run, _CONFIG.value, _STEPS.value)
 
 
 if __name__ == '__main__':

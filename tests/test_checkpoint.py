@@ -121,6 +121,19 @@ def test_resume_restores_the_data_position(straight_and_resumed, text_glob):
   assert data_state['next_step'] == 3
 
 
+def test_resume_with_another_batch_size_continues_at_the_example_offset(straight_and_resumed, text_glob, tmp_path,
+                                                                        caplog):
+  _, resumed, _ = straight_and_resumed
+  workdir = tmp_path / 'bigger'
+  shutil.copytree(os.path.join(resumed, 'checkpoints', '3'), workdir / 'checkpoints' / '3')
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    loop.train(loop_config(text_glob, train__batch_size=16, train__steps=4), str(workdir))
+  # 3 steps of 8 examples, then one of 16 from example 24 (not from 3 x 16 = 48, which would skip 24 examples).
+  assert any('resuming at example 24' in r.getMessage() for r in caplog.records)
+  _, data_state = restore(str(workdir), loop_config(text_glob, train__batch_size=16), step=4)
+  assert data_state['next_step'] == 4 and data_state['next_example'] == 24 + 16
+
+
 def test_resumed_metrics_match(straight_and_resumed):
   straight, resumed, _ = straight_and_resumed
   a, b = read_metrics(straight), read_metrics(resumed)

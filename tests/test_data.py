@@ -95,12 +95,32 @@ def test_resume_matches_uninterrupted_run():
   assert s.num_windows(32) == 21
   with data.DataIterator(s, prefetch=2, **kw) as it:
     run = [next(it) for _ in range(7)]
-    assert it.state() == {"next_step": 7, "seed": 3}
+    assert it.state() == {"next_step": 7, "next_example": 56, "seed": 3}
   fresh = corpus.PackedStream.from_tokens(random_stream(n_tokens=700))
   with data.DataIterator(fresh, start_step=4, prefetch=0, **kw) as resumed:
     for step in range(4, 7):
       assert_batches_equal(next(resumed), run[step])
     assert json.loads(json.dumps(resumed.state()))["next_step"] == 7
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_a_batch_size_change_continues_at_the_example_offset(prefetch):
+  # 6 steps of 4 examples, then batches of 8 from example 24: together one uninterrupted stream of examples,
+  # none skipped or repeated, the same as the stream read 12 examples at a time.
+  s = corpus.PackedStream.from_tokens(random_stream(n_tokens=2000))
+  kw = dict(seed=1, seq_len=16)
+  with data.DataIterator(s, global_batch=4, prefetch=prefetch, **kw) as small:
+    first = [next(small) for _ in range(6)]
+    state = small.state()
+  assert state["next_example"] == 24
+  with data.DataIterator(s, global_batch=8, start_step=state["next_step"], start_example=state["next_example"],
+                         prefetch=prefetch, **kw) as big:
+    second = [next(big) for _ in range(3)]
+    assert big.state() == {"next_step": 9, "next_example": 48, "seed": 1}
+  joined = np.concatenate([b["inputs"] for b in first + second])
+  whole = np.concatenate([data.batch_for_step(s, k, global_batch=12, **kw)["inputs"] for k in range(4)])
+  np.testing.assert_array_equal(joined, whole)
+  assert_batches_equal(second[0], data.batch_at(s, 24, global_batch=8, **kw))
 
 
 @pytest.mark.parametrize("process_count", [2, 4, 8])

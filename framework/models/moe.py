@@ -91,8 +91,7 @@ class MoE(nn.Module):
       bias = jax.lax.stop_gradient(self.param('expert_bias', init, (e,), jnp.float32))
     idx, gates, probs = route(logits, m, bias)
     self.sow('intermediates', 'router_probs', probs)  # kept only when the caller asks (tests, analysis)
-    b, s, _ = x.shape
-    capacity = m.capacity(s) if m.dispatch == 'capacity' else 0
+    capacity = m.capacity(x.shape[1]) if m.dispatch == 'capacity' else 0
     y = moe_dispatch.expert_ffn(x, idx, gates, weights, moe=m, sharder=sh, platform=sh.platform,
                                 capacity=capacity)
     if m.shared_d_ff:
@@ -102,7 +101,7 @@ class MoE(nn.Module):
 
   def _stats(self, logits, idx, probs, capacity, extra_counts, slots, domains):
     m = self.cfg.moe
-    b, s, e = probs.shape
+    _, s, e = probs.shape
     choice = jax.nn.one_hot(idx, e, dtype=jnp.float32)  # [b, s, k, E]
     counts = choice.sum((1, 2))  # [b, E]
     probsum = probs.sum(1)
