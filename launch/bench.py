@@ -11,8 +11,6 @@ Rows are printed as a Markdown table, ready for the README's benchmark table.
 """
 import functools
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import configs
-from launch import runtime_flags
+from launch import runtime_flags, timing
 
 _SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'all'],
                            'What to benchmark.')
@@ -35,21 +33,6 @@ _PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a
                           "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
 _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
                            'runs in interpret mode).')
-
-
-def _time_interleaved(runs: dict, n: int) -> dict[str, float]:
-  """Median seconds per step for each {name: (step, state, batch)}, alternating between them step by step so
-  that a change in machine load hits every variant alike. Steps may donate their state: each call's output
-  feeds the next."""
-  states = {name: state for name, (_, state, _) in runs.items()}
-  times = {name: [] for name in runs}
-  for i in range(n + 2):  # the first two rounds warm up (compile, allocator)
-    for name, (step, _, batch) in runs.items():
-      start = time.perf_counter()
-      states[name] = jax.block_until_ready(step(states[name], batch))
-      if i >= 2:
-        times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _reference_step(trainer, batch, device):
@@ -96,7 +79,7 @@ def _import_torch():
 
 
 def _torch_peer_step(trainer, local_batch, state):
-  """The PyTorch peer (launch/torch_peer.py) from batchax's initial parameters, as a _time_interleaved run."""
+  """The PyTorch peer (launch/torch_peer.py) from batchax's initial parameters, as a timing.time_interleaved run."""
   torch = _import_torch()
   from launch import torch_peer  # pylint: disable=g-import-not-at-top
   # XLA's CPU backend spreads over every core this process may use; the peer gets the same.
@@ -148,7 +131,7 @@ def train_suite(cfg) -> None:
     torch = _import_torch()
     print(f'# torch peer: PyTorch {torch.__version__}, eager, f32, SDPA attention, {torch.get_num_threads()} '
           'threads')
-  times = _time_interleaved(runs, _STEPS.value)
+  times = timing.time_interleaved(runs, _STEPS.value)
 
   mesh = 'x'.join(f'{k}{v}' for k, v in trainer.sharder.mesh.shape.items() if v > 1) or 'single'
   rows = [('batchax train_step', mesh, times['framework']), ('plain reference', '1 device', times['reference'])]

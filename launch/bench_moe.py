@@ -1,7 +1,7 @@
 """`launch.bench --suite=moe`: moe_tiny's train step on each dispatch path against the dense model with the same
 active feed-forward parameters, and what the exact global balance costs over the running form, in one run.
 
-Variants (all from the same config, data and initial seed, stepped in alternation by bench._time_interleaved):
+Variants (all from the same config, data and initial seed, stepped in alternation by launch.timing.time_interleaved):
   dense twin        moe.num_experts=0 and model.d_ff = top_k x d_ff_expert: the same active parameters per token
   dropless/blocked  sorted tokens, each expert's rows padded to whole blocks, one batched matmul (XLA)
   dropless/ragged   jax.lax.ragged_dot (on XLA:CPU every expert on every row: num_experts times the work)
@@ -45,7 +45,7 @@ def run(base, steps: int) -> None:
   from framework import data as data_lib  # pylint: disable=g-import-not-at-top
   from framework.mesh import make_sharder  # pylint: disable=g-import-not-at-top
   from framework.train import Trainer  # pylint: disable=g-import-not-at-top
-  from launch.bench import _time_interleaved  # pylint: disable=g-import-not-at-top
+  from launch.timing import time_interleaved  # pylint: disable=g-import-not-at-top
 
   if not base.moe.num_experts:
     raise ValueError('--suite=moe needs an MoE config (moe.num_experts > 0), e.g. --moe_config=configs/moe_tiny.py')
@@ -67,7 +67,7 @@ def run(base, steps: int) -> None:
         f'{base.data.seq_len} tokens; {len(devices)} x {devices[0].device_kind}')
   if backend == 'cpu':
     print('# dropless, pallas: not timed on CPU (the Pallas interpreter is a correctness tool, not a kernel)')
-  times = _time_interleaved(runs, steps)
+  times = time_interleaved(runs, steps)
   dense = times['dense twin (same active params)']
   print('| variant | ms/step | tokens/s | model TFLOP/s | vs dense twin |')
   print('|---|---|---|---|---|')

@@ -19,7 +19,7 @@ def run(base, steps: int) -> None:
   from framework import noise_scale  # pylint: disable=g-import-not-at-top
   from framework.mesh import make_sharder  # pylint: disable=g-import-not-at-top
   from framework.train import Trainer  # pylint: disable=g-import-not-at-top
-  from launch.bench import _time_interleaved  # pylint: disable=g-import-not-at-top
+  from launch.timing import time_interleaved  # pylint: disable=g-import-not-at-top
 
   devices = jax.devices()
   train_data, _ = data_lib.load_splits(base.data)
@@ -35,7 +35,7 @@ def run(base, steps: int) -> None:
     trainers[name] = trainer
     runs[name] = (lambda s, b, t=trainer: t.train_step(s, b)[0], trainer.init(jax.random.key(0)),
                   trainer.device_batch(local))
-  times = _time_interleaved(runs, steps)
+  times = time_interleaved(runs, steps)
   # The host side, timed on a real step's metrics.
   _, metrics = trainers['with the estimate'].train_step(trainers['with the estimate'].init(jax.random.key(0)),
                                                          trainers['with the estimate'].device_batch(local))
