@@ -1,4 +1,4 @@
-"""An MoE for GPU/TPU with ~1.1B parameters in all and ~0.4B active per token (bf16, FSDP x expert parallel, remat).
+"""An MoE for GPU/TPU: 1.41B parameters in all, ~0.55B active per token (bf16, FSDP x expert parallel, remat).
 
 lm_1b's attention and width (d_model 2048, 16 layers, 32 heads, 8 kv heads), every layer an MoE of 8 SwiGLU
 experts (d_ff 1408 each) with top-2 routing, global-batch balance. The mesh puts the experts on the 'expert' axis

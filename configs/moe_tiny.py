@@ -1,8 +1,8 @@
 """A small MoE on the multi-domain corpus: trains in minutes on 2 CPU cores (the balance study's model).
 
-4 layers, d_model 128, every layer an MoE of 8 SwiGLU experts (d_ff 256 each), top-2: 0.35M parameters active per
-token in the feed-forward blocks, as many as the dense twin's d_ff 512 (`--config.moe.num_experts=0` gives that
-twin). Data: the 'domains' source (Python, arithmetic, DNA, JSON records), labels carried per token, so the
+4 layers, d_model 128, every layer an MoE of 8 SwiGLU experts (d_ff 256 each), top-2: 0.2M feed-forward
+parameters active per token per layer, as many as the dense twin's d_ff 512 has (`--config.moe.num_experts=0`
+gives that twin; 3.48M parameters in all). Data: the 'domains' source (Python, arithmetic, DNA, JSON records), labels carried per token, so the
 routing is reported per domain (metrics moe_domain_counts, moe_domain_mi).
 """
 from framework import config
