@@ -29,14 +29,6 @@ from absl import app, flags, logging
 
 from launch import runtime_flags
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for the runs (one subdirectory each).')
-_OUT = flags.DEFINE_string('out', 'results/moe_balance', 'Where the table and plots go.')
-_GROUPS = flags.DEFINE_list('groups', ['1', '2', '4', '16'], 'Balance group sizes in sequences.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (initialisation and data order), each group run per seed.')
-_STEPS = flags.DEFINE_integer('steps', 300, 'Optimizer steps per run.')
-_CONFIG = flags.DEFINE_string('config', 'configs/moe_tiny.py', 'The model config.')
-flags.mark_flags_as_required(['workdir'])
-
 LAST = 3  # logged records averaged for the end-of-run figures
 MICRO_BATCHES = 4
 
@@ -189,7 +181,7 @@ def load_config(path: str):
   """get_config() of a config file."""
   spec = importlib.util.spec_from_file_location('study_config', path)
   if spec is None or not os.path.isfile(path):
-    raise ValueError(f'--config: no config file at {path!r}')
+    raise ValueError(f'--study_config: no config file at {path!r}')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
@@ -212,16 +204,29 @@ def study(config_path: str, workdir: str, out: str, groups, seeds, steps: int, o
   return runs
 
 
+def define_flags() -> None:
+  """The command line's flags. Defined only when run as a script: absl flags are process-wide, and other
+  launchers (imported together in tests) define --workdir, --steps and --config too."""
+  flags.DEFINE_string('workdir', None, 'Directory for the runs (one subdirectory each).')
+  flags.DEFINE_string('out', 'results/moe_balance', 'Where the table and plots go.')
+  flags.DEFINE_list('groups', ['1', '2', '4', '16'], 'Balance group sizes in sequences.')
+  flags.DEFINE_list('seeds', ['0', '1'], 'Seeds (initialisation and data order), each group run per seed.')
+  flags.DEFINE_integer('steps', 300, 'Optimizer steps per run.')
+  flags.DEFINE_string('study_config', 'configs/moe_tiny.py', 'The MoE config file the runs start from.')
+  flags.mark_flags_as_required(['workdir'])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
   runtime_flags.exit_on_user_error(runtime_flags.apply)
-  runs = runtime_flags.exit_on_user_error(study, _CONFIG.value, _WORKDIR.value, _OUT.value, _GROUPS.value,
-                                          _SEEDS.value, _STEPS.value)
-  with open(os.path.join(_OUT.value, 'summary.md'), encoding='utf-8') as f:
-    print(f.read())
-  logging.info('%d runs; table and plots in %s', len(runs), _OUT.value)
+  runs = runtime_flags.exit_on_user_error(study, f.study_config, f.workdir, f.out, f.groups, f.seeds, f.steps)
+  with open(os.path.join(f.out, 'summary.md'), encoding='utf-8') as fh:
+    print(fh.read())
+  logging.info('%d runs; table and plots in %s', len(runs), f.out)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=runtime_flags.parse_flags)

@@ -368,14 +368,14 @@ def test_iterator_yields_batch_for_step(stream, prefetch):
 
 
 def test_iterator_surfaces_worker_exception(stream, monkeypatch):
-  real = data.batch_for_step
+  real = data.batch_at
 
-  def failing(s, step, **kw):
-    if step == 2:
+  def failing(s, first_example, **kw):
+    if first_example == 4:  # step 2 of batches of 2
       raise KeyError("boom at step 2")
-    return real(s, step, **kw)
+    return real(s, first_example, **kw)
 
-  monkeypatch.setattr(data, "batch_for_step", failing)
+  monkeypatch.setattr(data, "batch_at", failing)
   it = data.DataIterator(stream, seed=0, global_batch=2, seq_len=8,
                          prefetch=2)
   next(it)

@@ -25,9 +25,12 @@ E, K, SEQ, BATCH = 4, 2, 16, 16
 BALANCE_WEIGHT = 0.5  # large, so the balance gradient is far above the tolerance
 
 
-def moe_cfg(mesh=None, micro_batches=1, **moe):
+def moe_cfg(mesh=None, micro_batches=1, n_layers=1, **moe):
   cfg = config_lib.defaults()
-  cfg.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=SEQ, vocab_size=512)
+  # One layer: every step here compiles in a few seconds (the layer loop is unrolled on CPU); the every=2 test
+  # below uses two.
+  cfg.model.update(d_model=32, n_layers=n_layers, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=SEQ,
+                   vocab_size=512)
   cfg.data.seq_len = SEQ
   cfg.train.update(batch_size=BATCH, micro_batches=micro_batches, steps=10, z_loss=0.0)
   cfg.optim.update(name='sgd', lr=1.0, momentum=0.0, weight_decay=0.0, grad_clip=0.0, schedule='constant',
@@ -183,8 +186,9 @@ def dataclass_replace(obj, **changes):
 
 def _probs_and_counts(trainer, params, micro_batch):
   """Per MoE layer: router probabilities [L, b, s, E] and routing counts per sequence [L, b, E], from the model."""
-  (_, aux), state = trainer.model.apply({'params': params}, micro_batch['inputs'], micro_batch['positions'],
-                                        micro_batch['segment_ids'], mutable=['intermediates'])
+  apply = functools.partial(trainer.model.apply, mutable=['intermediates'])
+  (_, aux), state = apply({'params': params}, micro_batch['inputs'], micro_batch['positions'],
+                          micro_batch['segment_ids'])
   probs = state['intermediates']['layers']['moe']['router_probs'][0]
   top = jax.lax.top_k(probs, K)[1]
   counts = jax.nn.one_hot(top, E).sum((2, 3))
@@ -196,7 +200,7 @@ def test_balance_loss_is_the_formula_over_its_groups(scope, init_params):
   cfg = moe_cfg(balance_scope=scope)
   trainer = trainer_for(cfg)
   b = jax.tree.map(jnp.asarray, batch())
-  probs, counts, aux = _probs_and_counts(trainer, init_params.params, b)
+  probs, counts, aux = jax.jit(functools.partial(_probs_and_counts, trainer))(init_params.params, b)
   if scope == 'sequence':
     f = counts / (SEQ * K)  # [L, b, E]
     p = probs.mean(2)
@@ -215,8 +219,9 @@ def test_micro_scope_pools_each_ranks_micro_batch_and_differs_from_global(init_p
   # micro: groups of 16 / 2 micro-batches / 2 ranks = 4 sequences, rows j, j+2, ... of the batch
   trainer = trainer_for(moe_cfg())
   expected = []
-  for j, mb in enumerate(_micro(batch(), 2)):
-    probs, counts, _ = _probs_and_counts(trainer, init_params.params, mb)
+  routing = jax.jit(functools.partial(_probs_and_counts, trainer))
+  for mb in _micro(batch(), 2):
+    probs, counts, _ = routing(init_params.params, mb)
     for g in range(2):  # the two ranks' halves of the micro-batch
       rows = slice(4 * g, 4 * g + 4)
       f = counts[:, rows].sum(1) / (4 * SEQ * K)
@@ -258,9 +263,11 @@ MESHES = {
     'data2_expert2_tensor2': dict(data=2, expert=2, tensor=2),
     'fsdp2_expert2_tensor2': dict(fsdp=2, expert=2, tensor=2),
 }
+DEFAULT_MESHES = ('fsdp2_expert4', 'data2_expert2_tensor2')  # the others run with -m slow
 
 
-@pytest.mark.parametrize('mesh', MESHES)
+@pytest.mark.parametrize('mesh', [m if m in DEFAULT_MESHES else pytest.param(m, marks=pytest.mark.slow)
+                                  for m in MESHES])
 def test_global_balance_on_any_mesh_equals_one_device(mesh, init_params, whole_batch_step):
   grads, metrics = step(moe_cfg(MESHES[mesh]), init_params)
   assert_trees_close(grads, whole_batch_step[0], mesh)
@@ -268,7 +275,7 @@ def test_global_balance_on_any_mesh_equals_one_device(mesh, init_params, whole_b
     np.testing.assert_allclose(metrics[key], whole_batch_step[1][key], rtol=RTOL, err_msg=key)
 
 
-@pytest.mark.parametrize('micro_batches', [2, 4])
+@pytest.mark.parametrize('micro_batches', [pytest.param(2, marks=pytest.mark.slow), 4])
 def test_exact_global_balance_with_micro_batches_equals_one_batch(micro_batches, init_params, whole_batch_step):
   grads, metrics = step(moe_cfg(dict(data=2, expert=2, tensor=2), micro_batches=micro_batches,
                                 balance_exact=True), init_params)
@@ -285,7 +292,7 @@ def test_running_global_balance_equals_a_plain_loop(init_params, whole_batch_ste
   tokens = float(batch()['weights'].sum())
 
   def loss(params):
-    total, seen, balance_sum = 0.0, jnp.zeros((2, E)), 0.0
+    total, seen, balance_sum = 0.0, jnp.zeros((cfg.model.n_layers, E)), 0.0
     for mb in micro:
       probs, counts, _ = _probs_and_counts(trainer, params, mb)
       logits, _ = trainer.model.apply({'params': params}, mb['inputs'], mb['positions'], mb['segment_ids'])
@@ -296,7 +303,7 @@ def test_running_global_balance_equals_a_plain_loop(init_params, whole_batch_ste
       total = total + token_losses(logits, mb['targets'], mb['weights'])['ce_sum'] / tokens
     return total + BALANCE_WEIGHT * balance_sum, balance_sum
 
-  (_, expected_balance), expected_grads = jax.value_and_grad(loss, has_aux=True)(init_params.params)
+  (_, expected_balance), expected_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(init_params.params)
   np.testing.assert_allclose(metrics['moe_balance'], expected_balance, rtol=1e-5)
   assert_trees_close(grads, expected_grads, 'running form vs loop')
   # ... and it is not the exact global loss: early micro-batches see only part of the step's routing.
@@ -317,7 +324,7 @@ def test_capacity_path_is_the_same_on_an_expert_parallel_mesh(init_params):
 
 @pytest.mark.parametrize('changes, field', [
     (dict(top_k=5), 'moe.top_k'),
-    (dict(every=3), 'moe.every'),
+    (dict(every=2), 'moe.every'),
     (dict(balance_scope='group'), 'moe.balance_group'),
     (dict(balance_scope='group', balance_group=3), 'moe.balance_group'),
     (dict(balance_group=4), 'moe.balance_group'),
@@ -407,6 +414,7 @@ def test_loss_free_balancing_moves_biases_toward_even_load_and_nothing_else(init
       np.testing.assert_allclose(v, expected[k], rtol=RTOL, atol=ATOL, err_msg=k)
 
 
+@pytest.mark.slow
 def test_extra_micro_term_is_the_micro_scope_loss_with_its_own_weight(init_params):
   _, micro = step(moe_cfg(dict(data=2), balance_scope='micro', micro_batches=2), init_params)
   _, both = step(moe_cfg(dict(data=2), balance_scope='global', micro_batches=2, balance_micro_weight=0.1,
@@ -437,7 +445,7 @@ def test_shared_experts_add_a_plain_swiglu_to_the_routed_output():
 
 
 def test_every_other_layer_sigmoid_shared_capacity_variant_is_the_same_on_a_mesh():
-  changes = dict(every=2, shared_experts=1, router='sigmoid', dispatch='capacity', capacity_factor=1.0)
+  changes = dict(n_layers=2, every=2, shared_experts=1, router='sigmoid', dispatch='capacity', capacity_factor=1.0)
   one = trainer_for(moe_cfg(**changes))
   host = jax.device_get(one.init(jax.random.key(0)))
   assert set(host.params['layers']) == {'dense', 'moe_block'}  # layer 0 dense, layer 1 MoE

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from launch import moe_balance
 
@@ -13,6 +14,7 @@ TINY = {'model.d_model': 32, 'model.n_layers': 2, 'model.n_heads': 2, 'model.n_k
         'checkpoint.every_steps': 4}
 
 
+@pytest.mark.slow  # two short training runs: ~1 minute
 def test_study_writes_a_consistent_table_and_plots(tmp_path):
   out = tmp_path / 'out'
   runs = moe_balance.study('configs/moe_tiny.py', str(tmp_path / 'runs'), str(out), groups=['2', '8'], seeds=['0'],

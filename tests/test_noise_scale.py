@@ -57,9 +57,14 @@ def _records(workdir):
     return {r['step']: r for r in map(json.loads, f)}
 
 
-def test_terms_come_from_the_steps_gradients_and_the_estimate_resumes(tmp_path):
-  loop.train(_cfg(4), str(tmp_path / 'straight'), devices=jax.devices()[:1])
-  straight = _records(tmp_path / 'straight')
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('straight')
+  loop.train(_cfg(4), str(workdir), devices=jax.devices()[:1])
+  return _records(workdir)
+
+
+def test_terms_come_from_the_steps_gradients(straight):
   r = straight[1]
   # The step's own gradient norms, independent code paths: the accumulated one and each micro-batch's.
   np.testing.assert_allclose(r['gns_big_sq'], r['grad_norm'] ** 2, rtol=1e-5)
@@ -67,6 +72,10 @@ def test_terms_come_from_the_steps_gradients_and_the_estimate_resumes(tmp_path):
   assert r['gns_b_big'] == pytest.approx(4 * r['gns_b_small'])
   g2, trace = noise_scale.two_batch_estimates(r['gns_small_sq'], r['gns_big_sq'], r['gns_b_small'], r['gns_b_big'])
   assert r['b_simple'] == pytest.approx(trace / g2, rel=1e-6)  # one step: the bias-corrected EMA is the estimate
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_estimate(straight, tmp_path):
   # Interrupted after step 2 and resumed: the EMA continues from the checkpoint.
   loop.train(_cfg(2), str(tmp_path / 'resumed'), devices=jax.devices()[:1])
   loop.train(_cfg(4), str(tmp_path / 'resumed'), devices=jax.devices()[:1])

@@ -134,11 +134,6 @@ def structure(cfg) -> dict:
           'moe.shared_experts': m['shared_experts'], 'moe.expert_bias': bool(m.get('bias_update_rate', 0.0))}
 
 
-def moe_layers(n_layers: int, every: int) -> tuple[int, ...]:
-  """Indices of the layers whose feed-forward block is an MoE."""
-  return tuple(range(every - 1, n_layers, every))
-
-
 def validate(cfg, ctx: Context) -> None:
   m = cfg.moe
   non_negative(m, 'moe', 'num_experts', 'd_ff_expert', 'shared_experts', 'router_z_loss', 'balance_weight',
