@@ -57,15 +57,13 @@ def _records(workdir):
     return {r['step']: r for r in map(json.loads, f)}
 
 
-@pytest.fixture(scope='module')
-def straight(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('straight')
-  loop.train(_cfg(4), str(workdir), devices=jax.devices()[:1])
+def _straight(workdir, steps):
+  loop.train(_cfg(steps), str(workdir), devices=jax.devices()[:1])
   return _records(workdir)
 
 
-def test_terms_come_from_the_steps_gradients(straight):
-  r = straight[1]
+def test_terms_come_from_the_steps_gradients(tmp_path):
+  r = _straight(tmp_path, 1)[1]
   # The step's own gradient norms, independent code paths: the accumulated one and each micro-batch's.
   np.testing.assert_allclose(r['gns_big_sq'], r['grad_norm'] ** 2, rtol=1e-5)
   np.testing.assert_allclose(r['gns_small_sq'], np.mean(np.square(r['micro_grad_norm'])), rtol=1e-5)
@@ -75,7 +73,8 @@ def test_terms_come_from_the_steps_gradients(straight):
 
 
 @pytest.mark.slow
-def test_a_resumed_run_continues_the_estimate(straight, tmp_path):
+def test_a_resumed_run_continues_the_estimate(tmp_path):
+  straight = _straight(tmp_path / 'straight', 4)
   # Interrupted after step 2 and resumed: the EMA continues from the checkpoint.
   loop.train(_cfg(2), str(tmp_path / 'resumed'), devices=jax.devices()[:1])
   loop.train(_cfg(4), str(tmp_path / 'resumed'), devices=jax.devices()[:1])
