@@ -71,7 +71,9 @@ def _run(mode: str, workdir, nproc: int) -> list[dict]:
   return results
 
 
-@pytest.mark.parametrize('mode', ['data', 'tensor_across_processes'])
+# 'data' runs with -m slow (the default suite's time budget); 'tensor_across_processes' also splits the batch
+# between the processes, and adds tensor parallelism across them.
+@pytest.mark.parametrize('mode', [pytest.param('data', marks=pytest.mark.slow), 'tensor_across_processes'])
 def test_two_processes_match_one(mode, tmp_path):
   single = _run(mode, tmp_path / 'one', 1)[0]
   two = _run(mode, tmp_path / 'two', 2)
