@@ -183,7 +183,9 @@ class Trainer:
     micro = {k: split_micro_batches(v, n) for k, v in batch.items()}
     micro = {k: self.sharder.constrain(v, (None, 'batch', 'seq')) for k, v in micro.items()}
     param_shardings = self.state_shardings.params
-    plan = moe_balance.plan(self.model_cfg.moe, n, self.seq_len, lambda mb: self._apply(params, mb)[1], micro)
+    moe = self.model_cfg.moe
+    moe_layers = self.model_cfg.n_layers // moe.every if moe is not None else 0
+    plan = moe_balance.plan(moe, moe_layers, n, self.seq_len, lambda mb: self._apply(params, mb)[1], micro)
 
     def one(j, mb, running):
       balance, extra = plan.balance(j, running)

@@ -92,14 +92,15 @@ class MoE(nn.Module):
     idx, gates, probs = route(logits, m, bias)
     self.sow('intermediates', 'router_probs', probs)  # kept only when the caller asks (tests, analysis)
     capacity = m.capacity(x.shape[1]) if m.dispatch == 'capacity' else 0
+    positions = moe_dispatch.capacity_positions(idx, e) if capacity else None  # for dispatch and the drop count
     y = moe_dispatch.expert_ffn(x, idx, gates, weights, moe=m, sharder=sh, platform=sh.platform,
-                                capacity=capacity)
+                                capacity=capacity, positions=positions)
     if m.shared_d_ff:
       y = y + SwiGLU(c, sh, d_ff=m.shared_d_ff, name='shared')(x)
     y = sh.constrain(y.astype(x.dtype), ('batch', 'seq', 'act_embed'))
-    return y, self._stats(logits, idx, probs, capacity, extra_counts, slots, domains)
+    return y, self._stats(logits, idx, probs, capacity, positions, extra_counts, slots, domains)
 
-  def _stats(self, logits, idx, probs, capacity, extra_counts, slots, domains):
+  def _stats(self, logits, idx, probs, capacity, positions, extra_counts, slots, domains):
     m = self.cfg.moe
     _, s, e = probs.shape
     choice = jax.nn.one_hot(idx, e, dtype=jnp.float32)  # [b, s, k, E]
@@ -122,7 +123,7 @@ class MoE(nn.Module):
       stats['balance_micro'] = group_balance(counts, probsum, m.micro_rows, m.batch_size // m.micro_rows, s,
                                              m.top_k)
     if capacity:
-      stats['dropped'] = jnp.sum(moe_dispatch.capacity_positions(idx, e) >= capacity).astype(jnp.float32)
+      stats['dropped'] = jnp.sum(positions >= capacity).astype(jnp.float32)
     if m.num_domains:
       stats['domain_counts'] = jnp.einsum('bsd,bske->de', jax.nn.one_hot(domains, m.num_domains,
                                                                          dtype=jnp.float32), choice)

@@ -48,9 +48,11 @@ class Plan:
     return extra + jax.lax.stop_gradient(stats['moe_counts'])
 
 
-def plan(moe, micro_batches: int, seq_len: int, route: Callable[[dict], dict], micro: dict) -> Plan:
-  """The balance plan of one step. route(micro_batch) -> the model's aux (a forward pass); micro: the step's
-  micro-batches stacked on a leading axis. Only the exact form calls `route`, once per micro-batch."""
+def plan(moe, moe_layers: int, micro_batches: int, seq_len: int, route: Callable[[dict], dict],
+         micro: dict) -> Plan:
+  """The balance plan of one step. moe_layers: MoE layers in the model; route(micro_batch) -> the model's aux
+  (a forward pass); micro: the step's micro-batches stacked on a leading axis. Only the exact form calls `route`,
+  once per micro-batch."""
   if moe is None or not moe.spans_micro_batches:
     return Plan(moe, 0.0, None, ())
   rows = moe.batch_size // micro_batches
@@ -60,8 +62,7 @@ def plan(moe, micro_batches: int, seq_len: int, route: Callable[[dict], dict], m
     per_group = counts.reshape(micro_batches // moe.micros_per_group, moe.micros_per_group, *counts.shape[1:])
     totals = jnp.repeat(per_group.sum(1), moe.micros_per_group, axis=0)
     return Plan(moe, slots_per_micro, totals - counts, jnp.zeros(counts.shape[1:], jnp.float32))
-  first = jax.eval_shape(route, jax.tree.map(lambda x: x[0], micro))['moe_counts']
-  return Plan(moe, slots_per_micro, None, jnp.zeros(first.shape, jnp.float32))
+  return Plan(moe, slots_per_micro, None, jnp.zeros((moe_layers, moe.num_experts), jnp.float32))
 
 
 def load_metrics(stats: dict) -> dict:

@@ -40,13 +40,18 @@ def capacity_positions(idx: jax.Array, num_experts: int) -> jax.Array:
   return pos.reshape(b, k, s).transpose(0, 2, 1)
 
 
-def expert_ffn(x, idx, gates, weights: dict, *, moe, sharder: Sharder, platform: str, capacity: int = 0):
+def expert_ffn(x, idx, gates, weights: dict, *, moe, sharder: Sharder, platform: str, capacity: int = 0,
+               positions=None):
   """Routed SwiGLU experts: y[t] = sum_j gates[t, j] * FFN_{idx[t, j]}(x[t]).
 
   x [b, s, d]; idx, gates [b, s, k]; weights {'wi_gate', 'wi_up': [E, d, f], 'wo': [E, f, d]}. capacity > 0 selects
-  the capacity path (choices at or past their expert's capacity are dropped). Returns y [b, s, d] in x's dtype.
+  the capacity path (choices at or past their expert's capacity are dropped); `positions`: capacity_positions(idx)
+  when the caller has them already. Returns y [b, s, d] in x's dtype.
   """
-  pos = capacity_positions(idx, moe.num_experts) if capacity else jnp.zeros_like(idx)
+  if not capacity:
+    pos = jnp.zeros_like(idx)
+  else:
+    pos = capacity_positions(idx, moe.num_experts) if positions is None else positions
   local = functools.partial(_local_ffn, moe=moe, capacity=capacity, platform=platform)
   if sharder.mesh is None:
     return local(x, idx, gates, pos, weights, axes=_Axes((), (), ()))
