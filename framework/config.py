@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from framework import checkpoint, corpus, mesh, metrics, noise_scale, optim, scaling, train
+from framework import batch_schedule, checkpoint, corpus, mesh, metrics, noise_scale, optim, scaling, train
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
 from framework.models import moe_config
@@ -24,6 +24,7 @@ SECTIONS = (
     ('optim', optim),
     ('scaling', scaling),
     ('noise_scale', noise_scale),
+    ('batch_schedule', batch_schedule),
     ('checkpoint', checkpoint),
     ('metrics', metrics),
 )

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from framework import batch_schedule
 from framework import checkpoint as ckpt_lib
 from framework import config as config_lib
 from framework import data as data_lib
@@ -94,12 +95,35 @@ def _observe(noise, step: int, metrics: dict) -> None:
     noise.observe(step, metrics)
 
 
-def _log_progress(done: int, steps: int, record: dict, eta: float) -> None:
+def _log_progress(done: int, steps: int, record: dict, eta: float, schedule) -> None:
   speed = (f"  {record['tokens_per_s']:.0f} tok/s  MFU {100 * record['mfu']:.1f}%" if 'tokens_per_s' in record
            else '')
   evaluation = f"  eval {record['eval_loss']:.4f}" if 'eval_loss' in record else ''
-  logging.info('step %d/%d  loss %.4f%s  lr %.2e  grad_norm %.3f%s  ETA %s', done, steps, record['loss'],
-               evaluation, record['lr'], record['grad_norm'], speed, metrics_lib.format_duration(eta))
+  where = (f'step {done}/{steps}' if schedule.fixed else
+           f"step {done}  examples {record['examples']}/{schedule.total_examples}  batch {record['batch_size']}")
+  logging.info('%s  loss %.4f%s  lr %.2e  grad_norm %.3f%s  ETA %s', where, record['loss'], evaluation,
+               record['lr'], record['grad_norm'], speed, metrics_lib.format_duration(eta))
+
+
+def _rung_trainer(cfg, base: Trainer, schedule, cache: dict) -> Trainer:
+  """The Trainer for the batch schedule's rung in effect (the base one for a fixed batch), built once per rung
+  with its rescaled optimizer values logged (framework/batch_schedule.py)."""
+  rung = schedule.rung
+  if schedule.fixed:
+    return base
+  if rung not in cache:
+    rung_cfg, changes = batch_schedule.rung_config(cfg, rung.batch_size)
+    for field, old, new, why in changes:
+      logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
+    cache[rung] = Trainer(rung_cfg, base.sharder, lr_schedule=batch_schedule.lr_in_examples(rung_cfg, cfg, rung))
+  return cache[rung]
+
+
+def _open_batches(train_data, cfg, trainer: Trainer, step: int, example: int) -> data_lib.DataIterator:
+  shard, shards = trainer.data_shard()
+  return data_lib.DataIterator(train_data, start_step=step, start_example=example, seed=cfg.seed,
+                               global_batch=trainer.cfg.train.batch_size, seq_len=cfg.data.seq_len,
+                               process_index=shard, process_count=shards, prefetch=cfg.data.prefetch)
 
 
 def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
@@ -110,11 +134,13 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
   refused with a ValueError before anything compiles. `allow_data_change` resumes on a data stream other than
   the checkpoint's, with a loud warning.
   """
+  began = time.perf_counter()
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
   cfg = cfg.copy_and_resolve_references()
-  for field, old, new, why in scaling.apply(cfg):
-    logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
+  if cfg.batch_schedule.mode == 'fixed':  # a schedule rescales each rung as it starts (_rung_trainer)
+    for field, old, new, why in scaling.apply(cfg):
+      logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
   resume.check_workdir(workdir)
   train_data, heldout = data_lib.load_splits(cfg.data)
   for split in (train_data, heldout):
@@ -137,9 +163,10 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
     with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
       json.dump(ckpt_lib.config_to_json(cfg), f, indent=2)
 
+  # The base trainer initialises, restores and evaluates (at train.batch_size, so evaluations compare across
+  # a batch schedule's rungs); each rung's own trainer takes the steps.
   trainer = Trainer(cfg, make_sharder(cfg, devices))
-  data_shard = trainer.data_shard()
-  state, start, start_example = None, 0, 0
+  state, start, start_example, data_state = None, 0, 0, {}
   t = cfg.train
   if latest is not None:
     state, data_state = checkpointer.restore(latest, trainer.abstract_state)
@@ -149,83 +176,110 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
                  start_example)
   else:
     state = trainer.init(jax.random.key(cfg.seed))
+  try:
+    schedule = batch_schedule.BatchSchedule(cfg, data_state.get('batch_schedule'), start, start_example)
+  except ValueError:
+    if checkpointer:
+      checkpointer.close()
+    raise
 
   steps = t.steps
   noise = None
   if cfg.noise_scale.enabled:  # continues the saved EMA on resume
-    noise = noise_scale.NoiseScale(cfg.noise_scale.ema, data_state.get('noise_scale') if latest is not None else None)
-  tokens_per_step = t.batch_size * cfg.data.seq_len
+    noise = noise_scale.NoiseScale(cfg.noise_scale.ema, data_state.get('noise_scale'))
   peak, peak_source = metrics_lib.peak_flops(devices, cfg.metrics.peak_flops_per_device)
   logging.info('Model: %.2fM parameters, %.3g FLOPs/token; mesh %s; peak %.3g FLOP/s (%s)',
                num_params(state.params) / 1e6, trainer.flops_per_token, dict(trainer.sharder.mesh.shape), peak,
                peak_source)
-  if start >= steps:
-    logging.info('Nothing to do: the checkpoint is at step %d and train.steps=%d', start, steps)
+  if schedule.finished(start, start_example):
+    logging.info('Nothing to do: the checkpoint is at step %d, example %d (train.steps=%d)', start, start_example,
+                 steps)
     if checkpointer:
       checkpointer.close()
-    return {'step': start}
+    return {'step': start, 'examples': start_example}
 
   writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, resume_step=start)
-  batches = data_lib.DataIterator(train_data, start_step=start, start_example=start_example, seed=cfg.seed,
-                                  global_batch=t.batch_size, seq_len=cfg.data.seq_len, process_index=data_shard[0],
-                                  process_count=data_shard[1], prefetch=cfg.data.prefetch)
+  rung_trainers: dict = {}
+  stepper = _rung_trainer(cfg, trainer, schedule, rung_trainers)
+  batches = _open_batches(train_data, cfg, stepper, start, start_example)
   last_saved = checkpointer.latest_step() if checkpointer else None
   record: dict = {}
   pending = None
   run_start = window_start = None
-  window_steps = 0
+  run_start_progress, window_steps, window_tokens = 0.0, 0, 0
   stop = _StopRequest()
-  done = start
+  done, example = start, start_example
   try:
-    for step in range(start, steps):
-      state, metrics = trainer.train_step(state, trainer.device_batch(next(batches)))
-      done = step + 1
+    while not schedule.finished(done, example):
+      step_batch = stepper.cfg.train.batch_size
+      state, metrics = stepper.train_step(state, stepper.device_batch(next(batches)))
+      done, example = done + 1, example + step_batch
       if pending is not None:  # a step behind, so the device is never idle waiting on the host
         pending_values = jax.device_get(pending[1])
         _raise_if_diverged(pending[0], pending_values, last_saved, workdir)
         _observe(noise, pending[0], pending_values)
       pending = (done, metrics)
-      if window_start is None:  # the first step includes compilation: time from its end
+      if window_start is None:  # the first step (of a run or a rung) includes compilation: time from its end
         jax.block_until_ready(metrics)
-        run_start = window_start = time.perf_counter()
+        window_start = time.perf_counter()
+        if run_start is None:
+          run_start, run_start_progress = window_start, schedule.progress(done, example)
       else:
         window_steps += 1
-      is_last = done == steps
+        window_tokens += step_batch * cfg.data.seq_len
+      is_last = schedule.finished(done, example)
       stopping = stop.requested  # read once: a signal arriving mid-iteration waits for the next step
       do_log = done % t.log_every == 0 or is_last
       do_eval = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
       do_save = checkpointer is not None and (done % cfg.checkpoint.every_steps == 0 or is_last or stopping)
-      values = jax.device_get(metrics) if (do_log or do_eval or do_save) else None
+      values = (jax.device_get(metrics) if (do_log or do_eval or do_save or schedule.needs_metrics(done))
+                else None)
       if values is not None:
         _raise_if_diverged(done, values, last_saved, workdir)
         _observe(noise, done, values)
       if do_log or do_eval:
         record = {k: v for k, v in values.items() if k != 'finite'}
+        record.update(examples=example, batch_size=step_batch, elapsed_s=time.perf_counter() - began)
         if noise is not None:
           record.update(noise.values())
         if window_steps:  # steps timed since the last log / eval / save, compilation and those excluded
           elapsed = time.perf_counter() - window_start
-          tokens_per_s = window_steps * tokens_per_step / elapsed
+          tokens_per_s = window_tokens / elapsed
           record.update(tokens_per_s=tokens_per_s, mfu=trainer.flops_per_token * tokens_per_s / peak,
                         step_time_s=elapsed / window_steps)
         if do_eval:
           record.update(evaluate(trainer, state.params, heldout, cfg))
+          if t.target_eval_loss and record['eval_loss'] <= t.target_eval_loss:
+            logging.info('Reached train.target_eval_loss=%g at step %d (eval loss %.4f): stopping', t.target_eval_loss,
+                         done, record['eval_loss'])
+            record['reached_target'] = True
+            stopping, do_save = True, checkpointer is not None
         writer.write(done, record)
         if do_log and jax.process_index() == 0:
-          _log_progress(done, steps, record, eta=(steps - done) * (time.perf_counter() - run_start) /
-                        max(done - start - 1, 1))
+          progress = schedule.progress(done, example)
+          rate = (progress - run_start_progress) / max(time.perf_counter() - run_start, 1e-9)
+          _log_progress(done, steps, record, eta=(1 - progress) / rate if rate > 0 else 0.0, schedule=schedule)
+      if do_log or do_eval or do_save:
+        window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+      if not is_last and schedule.climb(done, example, noise.values() if noise is not None else {}):
+        logging.info('batch_schedule: batch %d -> %d from step %d (example %d, %s)', step_batch,
+                     schedule.rung.batch_size, done, example,
+                     'tokens seen' if schedule.mode == 'ramp' else 'norm test failed')
+        batches.close()
+        stepper = _rung_trainer(cfg, trainer, schedule, rung_trainers)
+        batches = _open_batches(train_data, cfg, stepper, done, example)
+        window_start, window_steps, window_tokens = None, 0, 0
       if do_save:
-        data_state = {**batches.state(), 'stream': data_record}
+        data_state = {**batches.state(), 'stream': data_record, 'batch_schedule': schedule.state()}
         if noise is not None:
           data_state['noise_scale'] = noise.state()
         if checkpointer.save(done, state, data_state,
                              ckpt_lib.config_to_json(cfg), force=True):
           last_saved = done
-      if do_log or do_eval or do_save:
-        window_start, window_steps = time.perf_counter(), 0
       if stopping:
-        logging.warning('Stopping at step %d on %s%s; rerun the same command to resume', done, stop.signal_name,
-                        ' after saving a checkpoint' if do_save else '')
+        if not record.get('reached_target'):
+          logging.warning('Stopping at step %d on %s%s; rerun the same command to resume', done, stop.signal_name,
+                          ' after saving a checkpoint' if do_save else '')
         break
     if pending is not None:
       _raise_if_diverged(pending[0], jax.device_get(pending[1]), last_saved, workdir)
@@ -243,4 +297,4 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
         if in_flight is None:
           raise
         logging.exception('Closing the checkpointer failed too, while handling: %s', in_flight)
-  return {'step': done, **record}
+  return {'step': done, 'examples': example, **record}

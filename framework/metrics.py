@@ -149,6 +149,12 @@ class MetricsWriter:
         self._tb.close()
 
 
+def read_records(workdir: str) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl, in order, skipping any line a crash left unreadable."""
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+    return [r for r in (_parse_record(line) for line in f if line.strip()) if r is not None]
+
+
 def _drop_records_after(path: str, step: int) -> None:
   """A run that crashed after logging step k but before checkpointing it redoes those steps on resume: drop the
   stale records so each step appears once.

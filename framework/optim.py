@@ -114,9 +114,10 @@ def scale_by_layerwise_trust_ratio(trust_coefficient: float = 1.0, eps: float = 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, total_steps: int, lr: optax.Schedule | None = None) -> optax.GradientTransformation:
+  """The configured optimizer, with `schedule(optim_cfg, total_steps)` or the given LR schedule."""
   o = optim_cfg
-  lr = schedule(o, total_steps)
+  lr = lr or schedule(o, total_steps)
   if o.name == 'adamw':
     opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
   elif o.name == 'lamb':  # optax.lamb has no trust-ratio mask: built here so norm scales skip it, as in LARS

@@ -61,11 +61,20 @@ def scale_weight_decay(weight_decay: float, ratio: float, lr: float, new_lr: flo
 
 def apply(cfg) -> list[tuple[str, float, float, str]]:
   """Rescales cfg.optim in place for train.batch_size; returns (field, old, new, why) for every changed value."""
-  s, o = cfg.scaling, cfg.optim
-  if not s.reference_batch_size or s.reference_batch_size == cfg.train.batch_size:
+  reference = cfg.scaling.reference_batch_size
+  if not reference or reference == cfg.train.batch_size:
     return []
-  ratio = cfg.train.batch_size / s.reference_batch_size
-  batches = f'train.batch_size={cfg.train.batch_size} vs scaling.reference_batch_size={s.reference_batch_size}'
+  return rescale(cfg, cfg.train.batch_size, reference,
+                 f'train.batch_size={cfg.train.batch_size} vs scaling.reference_batch_size={reference}')
+
+
+def rescale(cfg, batch_size: int, reference: int, batches: str) -> list[tuple[str, float, float, str]]:
+  """Rescales cfg.optim in place from `reference` sequences to `batch_size` by cfg.scaling's rules; `batches`
+  says which two sizes (for the log). Returns (field, old, new, why) for every changed value."""
+  s, o = cfg.scaling, cfg.optim
+  if batch_size == reference:
+    return []
+  ratio = batch_size / reference
   changes = []
   lr = scale_lr(o.lr, ratio, s.lr_rule)
   if s.lr_rule != 'none':
@@ -79,5 +88,5 @@ def apply(cfg) -> list[tuple[str, float, float, str]]:
     for field, _, new, _ in changes:
       o[field.split('.')[1]] = float(new)
   if not 0 <= o.b2 < 1:
-    fail('scaling.reference_batch_size', f'rescaling gives optim.b2={o.b2}, outside [0, 1)')
+    fail('scaling.reference_batch_size', f'rescaling to batch {batch_size} gives optim.b2={o.b2}, outside [0, 1)')
   return changes

@@ -39,13 +39,16 @@ def defaults() -> ml_collections.ConfigDict:
       eval_every=100,        # 0: never
       eval_batches=4,
       micro_grad_norms=False,  # log each micro-batch's gradient norm
+      target_eval_loss=0.0,  # stop (saving a checkpoint) at the first evaluation at or below this; 0: off
   ))
 
 
 def validate(cfg, ctx: Context) -> None:
   t = cfg.train
   positive(t, 'train', 'steps', 'batch_size', 'micro_batches', 'log_every', 'eval_batches')
-  non_negative(t, 'train', 'eval_every', 'z_loss')
+  non_negative(t, 'train', 'eval_every', 'z_loss', 'target_eval_loss')
+  if t.target_eval_loss and not t.eval_every:
+    fail('train.target_eval_loss', 'is checked at evaluations: set train.eval_every > 0')
   dp, dp_axes = shard_count(ctx.rules, ctx.sizes, 'batch')
   unit = dp * t.micro_batches
   if t.batch_size % unit:
@@ -83,10 +86,11 @@ def split_micro_batches(x: jax.Array, n: int) -> jax.Array:
 class Trainer:
   """Model, optimizer, shardings and the jitted steps for one config on one mesh."""
 
-  def __init__(self, cfg, sharder: Sharder, model_cls=Transformer):
+  def __init__(self, cfg, sharder: Sharder, model_cls=Transformer, lr_schedule: optax.Schedule | None = None):
     """`model_cls(model_cfg, sharder)` builds the network: a module whose call maps (tokens, positions,
     segment_ids) to (logits, aux), where aux is a dict of statistics the step sums over micro-batches and
-    reports in its metrics (e.g. an MoE model's expert counts)."""
+    reports in its metrics (e.g. an MoE model's expert counts). `lr_schedule` replaces the config's schedule
+    by step (a batch-size schedule's rung runs it in examples, framework/batch_schedule.py)."""
     self.cfg = cfg
     self.sharder = sharder
     batch_shards, _ = shard_count(sharder.rules, dict(sharder.mesh.shape), 'batch')
@@ -96,8 +100,8 @@ class Trainer:
     # Parameters do not depend on how activations are laid out; initialising through a mesh-less twin keeps
     # per-shard kernels (shard_map) away from the one-row dummy batch.
     self._init_model = model_cls(self.model_cfg, Sharder(None, sharder.rules))
-    self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    self.lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+    self.lr_schedule = lr_schedule or optim.schedule(cfg.optim, cfg.train.steps)
+    self.optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps, self.lr_schedule)
     self.seq_len = cfg.data.seq_len
     self.replicated = NamedSharding(sharder.mesh, PartitionSpec())
     # Domain labels travel with the batch when the data has them (for the MoE's per-domain routing statistics).

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from framework import metrics as metrics_lib
 from launch import runtime_flags
 
 LAST = 3  # logged records averaged for the end-of-run figures
@@ -47,11 +48,6 @@ def run_config(base, group: int, seed: int, steps: int):
   cfg.train.update(steps=steps, micro_batches=MICRO_BATCHES)
   cfg.moe.update(balance_scope='group', balance_group=group, balance_exact=False)
   return cfg
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def summarise(records: list[dict]) -> dict:
@@ -81,7 +77,7 @@ def train_runs(base, groups, seeds, steps, workdir) -> list[dict]:
       cfg = run_config(base, group, seed, steps)
       logging.info('run %s: balance group %d sequences, seed %d', name, group, seed)
       loop.train(cfg, os.path.join(workdir, name), devices=jax.devices()[:1])
-      records = read_metrics(os.path.join(workdir, name))
+      records = metrics_lib.read_records(os.path.join(workdir, name))
       runs.append({'name': name, 'group': group, 'label': group_label(group, base.train.batch_size, micro_rows),
                    'seed': seed, 'records': records, **summarise(records)})
   return runs

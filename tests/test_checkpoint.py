@@ -152,7 +152,7 @@ def test_resumed_metrics_match(straight_and_resumed):
 def test_rerun_at_the_end_does_nothing(straight_and_resumed, text_glob):
   straight, _, _ = straight_and_resumed
   before = read_metrics(straight)
-  assert loop.train(loop_config(text_glob), straight) == {'step': 6}
+  assert loop.train(loop_config(text_glob), straight) == {'step': 6, 'examples': 48}
   assert read_metrics(straight) == before
 
 
