@@ -71,9 +71,6 @@ def validate(cfg, ctx: Context) -> None:
     if not cfg.noise_scale.enabled:
       fail('batch_schedule.mode', "'adaptive' tests the batch with the noise-scale estimate: set "
            'noise_scale.enabled=True')
-    if sizes[0] // micro < 2:
-      fail('batch_schedule.sizes', f'the norm test needs two or more micro-batches on every rung: the first, '
-           f'{sizes[0]}, holds {sizes[0] // micro} of {micro} rows; raise train.micro_batches')
   from framework import config as config_lib  # pylint: disable=import-outside-toplevel  (it imports this module)
   for size in sizes[:-1]:  # each rung is a whole config, checked by the same schema (MoE groups, noise scale, ...)
     try:

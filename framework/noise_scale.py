@@ -7,7 +7,9 @@ Gradients measured at two batch sizes give unbiased estimates of both terms (McC
 
 Here G_small is a gradient-accumulation micro-batch's mean gradient (|G_small|^2 averaged over the step's
 micro-batches) and G_big the step's accumulated mean gradient, so the estimate costs one squared norm per
-micro-batch. Batch sizes are in tokens (the loss is a per-token mean), so B_simple is in tokens; divide by the
+micro-batch. Without accumulation (train.micro_batches=1) on a batch split over N >= 2 devices, G_small is one
+batch shard's gradient (what a device computes before the all-reduce) and G_big their mean (train.py,
+`_per_shard_grads`); that costs each device a whole gradient's memory instead of its fsdp slice. Batch sizes are in tokens (the loss is a per-token mean), so B_simple is in tokens; divide by the
 sequence length for sequences. Each estimate is noisy, so both terms are smoothed with a bias-corrected EMA over
 steps before their ratio is taken; the EMA state is saved with each checkpoint so a resumed run continues it.
 """
@@ -16,22 +18,31 @@ from __future__ import annotations
 import ml_collections
 
 from framework.config_checks import Context, fail
+from framework.mesh import shard_count
+from framework.models.attention import resolve_impl
 
 
 def defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
-      enabled=False,  # estimate during training (needs train.micro_batches >= 2)
+      enabled=False,  # estimate during training (micro-batches, or batch shards when train.micro_batches=1)
       ema=0.95,       # smoothing of each term, per step
   ))
 
 
 def validate(cfg, ctx: Context) -> None:
-  del ctx
   n = cfg.noise_scale
   if not 0 <= n.ema < 1:
     fail('noise_scale.ema', f'{n.ema} must be in [0, 1)')
-  if n.enabled and cfg.train.micro_batches < 2:
-    fail('noise_scale.enabled', 'the estimate compares micro-batch gradients with the step\'s: set '
+  if not n.enabled or cfg.train.micro_batches >= 2:
+    return
+  shards, _ = shard_count(ctx.rules, ctx.sizes, 'batch')
+  if shards < 2:
+    fail('noise_scale.enabled', "the estimate compares micro-batch (or batch-shard) gradients with the step's: set "
+         'train.micro_batches >= 2, or shard the batch over 2 or more devices')
+  attention = resolve_impl(cfg.model.attention_impl, backend=ctx.backend)
+  if cfg.moe.num_experts or attention == 'pallas':
+    fail('noise_scale.enabled', 'the per-shard estimate (train.micro_batches=1) runs the model under a vmap over '
+         "batch shards, which the MoE dispatch and the Pallas attention's shard_map do not take: set "
          'train.micro_batches >= 2')
 
 

@@ -108,6 +108,12 @@ class Trainer:
     self.batch_keys = BATCH_KEYS + (('domains',) if corpus.num_domains(cfg.data) else ())
     self.batch_sharding = {k: sharder.sharding(('batch', 'seq')) for k in self.batch_keys}
     self.abstract_state, self.state_shardings = self._abstract_state()
+    # Without gradient accumulation the noise estimate compares each batch shard's gradient with their mean: a
+    # twin of the model whose activations leave the batch axes to the vmap over shards (see _per_shard_grads).
+    self.noise_per_shard = cfg.noise_scale.enabled and cfg.train.micro_batches == 1
+    if self.noise_per_shard:
+      rules = tuple((name, None if name == 'batch' else axes) for name, axes in sharder.rules)
+      self._shard_model = model_cls(self.model_cfg, Sharder(sharder.mesh, rules))
 
     self.init = jax.jit(self._init, out_shardings=self.state_shardings)
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
@@ -145,27 +151,28 @@ class Trainer:
 
   # --- steps -------------------------------------------------------------------------------------------------
 
-  def _apply(self, params, batch, balance=None):
+  def _apply(self, params, batch, balance=None, model=None):
     """The model on one (micro-)batch; an MoE model also gets the step's balance inputs and the domain labels."""
     extras = {}
     if self.model_cfg.moe is not None:
       extras = {'balance': balance, 'domains': batch.get('domains')}
-    return self.model.apply({'params': params}, batch['inputs'], batch['positions'], batch['segment_ids'],
-                            **extras)
+    return (model or self.model).apply({'params': params}, batch['inputs'], batch['positions'],
+                                       batch['segment_ids'], **extras)
 
-  def _micro_loss(self, params, batch, balance, loss_scale):
+  def _micro_loss(self, params, batch, balance, loss_scale, model=None):
     """The micro-batch's summed loss. A model's aux_loss is mean-normalised (its sum over the step's micro-batches
     is the step's mean), so it is scaled by the step's token count like the summed terms are divided by it."""
-    logits, aux = self._apply(params, batch, balance)
+    logits, aux = self._apply(params, batch, balance, model)
     stats = {**token_losses(logits, batch['targets'], batch['weights']), **aux}
     loss = stats['ce_sum'] + self.cfg.train.z_loss * stats['z_sum']
     if 'aux_loss' in stats:
       loss = loss + loss_scale * stats['aux_loss']
     return loss, stats
 
-  def _micro_grads(self, params, micro_batch, balance, loss_scale):
+  def _micro_grads(self, params, micro_batch, balance, loss_scale, model=None):
     """f32 gradients of one micro-batch's summed loss, its statistics, and its per-micro-batch values."""
-    (_, stats), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(params, micro_batch, balance, loss_scale)
+    (_, stats), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(params, micro_batch, balance, loss_scale,
+                                                                           model)
     grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     per_micro = {}
     if self.cfg.train.micro_grad_norms:
@@ -184,6 +191,8 @@ class Trainer:
     leading axis of length train.micro_batches.
     """
     n = self.cfg.train.micro_batches
+    if self.noise_per_shard:
+      return self._per_shard_grads(params, batch, loss_scale)
     micro = {k: split_micro_batches(v, n) for k, v in batch.items()}
     micro = {k: self.sharder.constrain(v, (None, 'batch', 'seq')) for k, v in micro.items()}
     param_shardings = self.state_shardings.params
@@ -213,6 +222,21 @@ class Trainer:
       grad_sum, stat_sum = grads, stats
       per_micro = jax.tree.map(lambda f: f[None], first)
     return grad_sum, stat_sum, per_micro
+
+  def _per_shard_grads(self, params, batch, loss_scale):
+    """The step's gradient as the sum of each batch shard's own gradient (one micro-batch): a vmap over the
+    shards with the vmapped axis on the batch's mesh axes, so every device (group) computes its rows' gradient, as
+    data parallelism does before its all-reduce, and the per-shard values (the noise estimate's |G_small|^2) come
+    out stacked. Each device then holds a whole gradient, not an fsdp slice of it: the estimate's memory cost."""
+    shards, axes = shard_count(self.sharder.rules, dict(self.sharder.mesh.shape), 'batch')
+    stacked = NamedSharding(self.sharder.mesh, PartitionSpec(axes))
+    rows = {k: jax.lax.with_sharding_constraint(v.reshape(shards, v.shape[0] // shards, *v.shape[1:]), stacked)
+            for k, v in batch.items()}
+    grads, stats, per_shard = jax.vmap(
+        lambda mb: self._micro_grads(params, mb, None, loss_scale, self._shard_model), spmd_axis_name=axes)(rows)
+    grad_sum = jax.tree.map(lambda g, s: jax.lax.with_sharding_constraint(g.sum(0), s), grads,
+                            self.state_shardings.params)
+    return grad_sum, jax.tree.map(lambda x: x.sum(0), stats), per_shard
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     tokens = jnp.maximum(jnp.sum(batch['weights']), 1.0)

@@ -25,8 +25,7 @@ import time
 from absl import app, flags, logging
 
 from framework import metrics as metrics_lib
-from launch import runtime_flags
-from launch.moe_balance import load_config
+from launch import runtime_flags, study_io
 
 
 def run_configs(base, sizes, micro_rows: int, budget: int, theta: float, eval_examples: int, eval_set: int):
@@ -54,7 +53,7 @@ def run_configs(base, sizes, micro_rows: int, budget: int, theta: float, eval_ex
   return configs
 
 
-def train_runs(configs: dict, workdir: str) -> dict:
+def train_runs(configs: dict, workdir: str, devices=None) -> dict:
   from framework import loop  # pylint: disable=g-import-not-at-top  (after the device flags take effect)
   runs = {}
   for name, cfg in configs.items():
@@ -62,7 +61,7 @@ def train_runs(configs: dict, workdir: str) -> dict:
     timing = os.path.join(run_dir, 'wall_clock.json')
     if not os.path.exists(timing):
       start = time.perf_counter()
-      loop.train(cfg, run_dir)
+      loop.train(cfg, run_dir, devices=devices)
       with open(timing, 'w', encoding='utf-8') as f:
         json.dump({'seconds': time.perf_counter() - start}, f)
     with open(timing, encoding='utf-8') as f:
@@ -84,17 +83,12 @@ def write_outputs(runs: dict, out: str, command: str) -> None:
       for e in r['evals']:
         w.writerow((name, e['step'], e['examples'], e['batch_size'], e['eval_loss'], e['loss'], e.get('b_simple')))
   summary = {name: {k: v for k, v in r.items() if k not in ('records', 'evals')} for name, r in runs.items()}
-  with open(os.path.join(out, 'summary.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1)
   lines = ['| run | batch sizes | steps | examples | final held-out loss | wall-clock (s, with compiles) |',
            '|---|---|---|---|---|---|']
   for name, r in summary.items():
     lines.append(f"| {name} | {', '.join(map(str, r['batch_sizes']))} | {r['steps']} | {r['examples']} | "
                  f"{r['final_eval_loss']:.4f} | {r['wall_clock_s']:.0f} |")
-  with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out, 'command.txt'), 'w', encoding='utf-8') as f:
-    f.write(command + '\n')
+  study_io.write_summary(out, lines, summary, command)
   write_plot(runs, out)
 
 
@@ -121,10 +115,12 @@ def write_plot(runs: dict, out: str) -> None:
 
 
 def study(config_path: str, workdir: str, out: str, sizes, micro_rows: int, budget: int, theta: float,
-          eval_examples: int, eval_set: int, command: str = '') -> dict:
+          eval_examples: int, eval_set: int, command: str = '', devices=None) -> dict:
+  """Trains (or reads back) the three runs on `devices` (default: all) and writes the outputs."""
   sizes = sorted(int(s) for s in sizes)
-  configs = run_configs(load_config(config_path), sizes, micro_rows, budget, theta, eval_examples, eval_set)
-  runs = train_runs(configs, workdir)
+  base = study_io.load_config(config_path)
+  configs = run_configs(base, sizes, micro_rows, budget, theta, eval_examples, eval_set)
+  runs = train_runs(configs, workdir, devices)
   write_outputs(runs, out, command)
   return runs
 

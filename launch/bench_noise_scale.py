@@ -2,7 +2,9 @@
 
 Both variants are --config's model with train.micro_batches=4 (the estimate compares micro-batch gradients with
 the step's); the estimate adds one squared gradient norm per micro-batch inside the step and a few float
-operations on the host per step (framework/noise_scale.py), which the host side's figure below includes.
+operations on the host per step (framework/noise_scale.py), which the host side's figure below includes. On a
+mesh that splits the batch over 2 or more devices (e.g. --cpu_devices=8) the run also times one micro-batch with
+and without the per-shard estimate (each shard's gradient against their mean, train.py `_per_shard_grads`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def run(base, steps: int) -> None:
   from framework import config as config_lib  # pylint: disable=g-import-not-at-top
   from framework import data as data_lib  # pylint: disable=g-import-not-at-top
   from framework import noise_scale  # pylint: disable=g-import-not-at-top
-  from framework.mesh import make_sharder  # pylint: disable=g-import-not-at-top
+  from framework.mesh import make_sharder, shard_count  # pylint: disable=g-import-not-at-top
   from framework.train import Trainer  # pylint: disable=g-import-not-at-top
   from launch.timing import time_interleaved  # pylint: disable=g-import-not-at-top
 
@@ -26,9 +28,13 @@ def run(base, steps: int) -> None:
   local = data_lib.batch_for_step(train_data, 0, seed=base.seed, global_batch=base.train.batch_size,
                                   seq_len=base.data.seq_len)
   runs, trainers = {}, {}
-  for name, enabled in (('without the estimate', False), ('with the estimate', True)):
+  variants = [('without the estimate', MICRO, False), ('with the estimate', MICRO, True)]
+  if shard_count(tuple(base.mesh.axis_rules), config_lib.validate(base, num_devices=len(devices)), 'batch')[0] > 1:
+    variants += [('1 micro-batch, without', 1, False), ('1 micro-batch, per-shard estimate', 1, True)]
+  estimated = {name: enabled for name, _, enabled in variants}
+  for name, micro, enabled in variants:
     cfg = base.copy_and_resolve_references()
-    cfg.train.micro_batches = MICRO
+    cfg.train.micro_batches = micro
     cfg.noise_scale.enabled = enabled
     config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
     trainer = Trainer(cfg, make_sharder(cfg, devices))
@@ -48,9 +54,10 @@ def run(base, steps: int) -> None:
   base_t = times['without the estimate']
   print(f'# noise_scale suite: batch {base.train.batch_size} x {base.data.seq_len} tokens in {MICRO} micro-batches; '
         f'{len(devices)} x {devices[0].device_kind}')
-  print('| variant | ms/step | vs without |')
+  print('| variant | ms/step | vs the same micro-batches without |')
   print('|---|---|---|')
   for name, t in times.items():
-    extra = host if name == 'with the estimate' else 0.0
-    print(f'| {name} | {1e3 * (t + extra):.1f} | {(t + extra) / base_t:.3f}x |')
+    extra = host if estimated[name] else 0.0
+    against = times['1 micro-batch, without'] if name.startswith('1 micro') else base_t
+    print(f'| {name} | {1e3 * (t + extra):.1f} | {(t + extra) / against:.3f}x |')
   print(f'# host side per step: {1e6 * host:.1f} us (included above); median of {steps} alternating steps each')

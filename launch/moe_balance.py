@@ -18,8 +18,6 @@ per micro-batch would pool).
 from __future__ import annotations
 
 import csv
-import importlib.util
-import json
 import os
 import sys
 
@@ -28,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from framework import metrics as metrics_lib
-from launch import runtime_flags
+from launch import runtime_flags, study_io
 
 LAST = 3  # logged records averaged for the end-of-run figures
 MICRO_BATCHES = 4
@@ -106,12 +104,7 @@ def write_tables(runs: list[dict], out: str, command: str) -> None:
     lines.append(f"| {label} | {len(rs)} | {np.mean([r['heldout_loss'] for r in rs]):.4f} | "
                  f"{np.mean([r['domain_expert_mi_bits'] for r in rs]):.3f} | "
                  f"{np.mean([r['max_over_mean'] for r in rs]):.3f} |")
-  with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out, 'summary.json'), 'w', encoding='utf-8') as f:
-    json.dump([{k: v for k, v in r.items() if k != 'records'} for r in runs], f, indent=1)
-  with open(os.path.join(out, 'command.txt'), 'w', encoding='utf-8') as f:
-    f.write(command + '\n')
+  study_io.write_summary(out, lines, [{k: v for k, v in r.items() if k != 'records'} for r in runs], command)
 
 
 def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
@@ -173,19 +166,9 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   plt.close(fig)
 
 
-def load_config(path: str):
-  """get_config() of a config file."""
-  spec = importlib.util.spec_from_file_location('study_config', path)
-  if spec is None or not os.path.isfile(path):
-    raise ValueError(f'--study_config: no config file at {path!r}')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def study(config_path: str, workdir: str, out: str, groups, seeds, steps: int, overrides=None) -> list[dict]:
   from framework import domains  # pylint: disable=g-import-not-at-top
-  base = load_config(config_path)
+  base = study_io.load_config(config_path)
   for key, value in (overrides or {}).items():
     section, field = key.split('.')
     base[section][field] = value

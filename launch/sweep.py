@@ -32,7 +32,7 @@ from absl import app, flags, logging
 
 from framework import critical_batch
 from framework import metrics as metrics_lib
-from launch import runtime_flags
+from launch import runtime_flags, study_io
 
 MICRO_BATCHES = 2  # the noise-scale estimate compares the two micro-batch gradients with the step's
 
@@ -129,8 +129,6 @@ def write_outputs(points: list[dict], summary: dict, out: str, command: str) -> 
     w.writerow(CSV_COLUMNS)
     for p in points:
       w.writerow([p.get(c) for c in CSV_COLUMNS])
-  with open(os.path.join(out, 'summary.json'), 'w', encoding='utf-8') as f:
-    json.dump(summary, f, indent=1)
   fit = summary.get('fit')
   lines = [f"Target held-out loss {summary['target_loss']}; {summary['reached']} of {summary['points']} points "
            f"reached it, {summary['diverged']} diverged.", '',
@@ -147,10 +145,7 @@ def write_outputs(points: list[dict], summary: dict, out: str, command: str) -> 
   cbs = summary.get('cbs_20pct')
   lines.append(f"20% over linear scaling: {f'{cbs:.1f} sequences' if cbs else 'not reached in the sweep'}. "
                f"Median B_simple at the target: {summary['b_simple_at_target_median']}")
-  with open(os.path.join(out, 'summary.md'), 'w', encoding='utf-8') as f:
-    f.write('\n'.join(lines) + '\n')
-  with open(os.path.join(out, 'command.txt'), 'w', encoding='utf-8') as f:
-    f.write(command + '\n')
+  study_io.write_summary(out, lines, summary, command)
   from launch import sweep_plots  # pylint: disable=g-import-not-at-top  (matplotlib: the [study] extra)
   sweep_plots.write(points, summary, out)
 

@@ -35,11 +35,58 @@ def test_two_batch_estimates_refuse_batch_sizes_out_of_order():
     noise_scale.two_batch_estimates(1.0, 0.5, 8, 8)
 
 
-def test_noise_scale_needs_micro_batches():
+def test_noise_scale_needs_micro_batches_or_batch_shards():
   cfg = config_lib.defaults()
   cfg.noise_scale.enabled = True
-  with pytest.raises(ValueError, match='config noise_scale.enabled'):
+  with pytest.raises(ValueError, match='config noise_scale.enabled: .*train.micro_batches >= 2, or shard the batch'):
+    config_lib.validate(cfg, num_devices=1)
+  config_lib.validate(cfg, num_devices=8)  # one micro-batch on 8 batch shards: the per-shard estimate
+  cfg.model.attention_impl = 'pallas'
+  with pytest.raises(ValueError, match='config noise_scale.enabled: the per-shard estimate'):
     config_lib.validate(cfg, num_devices=8)
+
+
+def test_per_shard_terms_without_accumulation_match_a_loop_over_shards():
+  """micro_batches=1 on 4 batch shards (data 2 x fsdp 2, tensor 2): |G_small|^2 is the mean over shards of each
+  shard's own gradient norm^2, checked against a plain loop over the shards' rows on one device; the step's
+  update is the one the plain path (estimate off) makes."""
+  from framework import data as data_lib, train as train_lib  # pylint: disable=import-outside-toplevel
+  from framework.mesh import Sharder, make_sharder  # pylint: disable=import-outside-toplevel
+  from framework.models.transformer import Transformer  # pylint: disable=import-outside-toplevel
+  cfg = _cfg(1)
+  cfg.train.update(micro_batches=1, micro_grad_norms=False)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  cfg = cfg.copy_and_resolve_references()
+  config_lib.validate(cfg, num_devices=8)
+  trainer = train_lib.Trainer(cfg, make_sharder(cfg, jax.devices()))
+  train_data, _ = data_lib.load_splits(cfg.data)
+  batch = data_lib.batch_at(train_data, 0, seed=0, global_batch=8, seq_len=32)
+  state = trainer.init(jax.random.key(0))
+  params = jax.device_get(state.params)
+  new_state, m = trainer.train_step(state, trainer.device_batch(batch))
+
+  plain = Transformer(trainer.model_cfg, Sharder(None, trainer.sharder.rules))  # one device, no constraints
+
+  def shard_grad(rows):
+    def loss(p):
+      logits, _ = plain.apply({'params': p}, rows['inputs'], rows['positions'], rows['segment_ids'])
+      t = train_lib.token_losses(logits, rows['targets'], rows['weights'])
+      return (t['ce_sum'] + cfg.train.z_loss * t['z_sum']) / t['tokens']
+    return jax.grad(loss)(params)
+  grads = [shard_grad({k: v[2 * d:2 * d + 2] for k, v in batch.items()}) for d in range(4)]
+  sq = [sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(gd)) for gd in grads]
+  mean = jax.tree.map(lambda *g: sum(g) / 4, *grads)
+  np.testing.assert_allclose(m['gns_small_sq'], np.mean(sq), rtol=1e-4)
+  np.testing.assert_allclose(m['gns_big_sq'], sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(mean)),
+                             rtol=1e-4)
+  assert float(m['gns_b_big']) == 4 * float(m['gns_b_small']) == 8 * 32
+
+  off = cfg.copy_and_resolve_references()
+  off.noise_scale.enabled = False
+  other = train_lib.Trainer(off, make_sharder(off, jax.devices()))
+  expected, _ = other.train_step(other.init(jax.random.key(0)), other.device_batch(batch))
+  for a, b in zip(jax.tree.leaves(jax.device_get(new_state.params)), jax.tree.leaves(jax.device_get(expected.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _cfg(steps):

@@ -45,7 +45,8 @@ def test_crossing_interpolates_between_evaluations():
   assert critical_batch.crossing([10, 20], [1.0, 0.5], 2.0) == 10.0
 
 
-def _base():
+def tiny_config():
+  """A one-layer model that trains in seconds (test_adaptive_batch_study.py starts from it too)."""
   cfg = config_lib.defaults()
   cfg.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=32)
   cfg.data.update(seq_len=32, max_corpus_bytes=2_000_000)
@@ -61,7 +62,7 @@ SWEEP = dict(batch_sizes=[4, 8, 16], lr_factors=[1.0], target_loss=5.5, max_exam
 
 def test_sweep_writes_the_fit_and_resumes(tmp_path, monkeypatch):
   workdir, out = str(tmp_path / 'points'), str(tmp_path / 'out')
-  summary = sweep.sweep(_base(), workdir, out, **SWEEP, command='test', devices=jax.devices()[:1])
+  summary = sweep.sweep(tiny_config(), workdir, out, **SWEEP, command='test', devices=jax.devices()[:1])
   assert summary['reached'] == 3 and {'s_min', 'e_min', 'b_crit'} <= set(summary['fit'])
   for name in ('points.csv', 'summary.json', 'summary.md', 'steps_vs_examples.png', 'steps_vs_batch.png',
                'b_simple.png', 'command.txt'):
@@ -77,7 +78,7 @@ def test_sweep_writes_the_fit_and_resumes(tmp_path, monkeypatch):
   def must_not_train(*args, **kwargs):
     raise AssertionError('a finished point was trained again')
   monkeypatch.setattr(loop, 'train', must_not_train)
-  assert sweep.sweep(_base(), workdir, out, **SWEEP)['best'] == summary['best']
+  assert sweep.sweep(tiny_config(), workdir, out, **SWEEP)['best'] == summary['best']
 
 
 def test_a_diverged_point_is_recorded(tmp_path, monkeypatch):
@@ -87,18 +88,18 @@ def test_a_diverged_point_is_recorded(tmp_path, monkeypatch):
       json.dump({'optim': {'lr': cfg.optim.lr}}, f)
     raise loop.NonFiniteLossError('Non-finite training at step 3')
   monkeypatch.setattr(loop, 'train', diverge)
-  sweep.sweep(_base(), str(tmp_path / 'p'), str(tmp_path / 'o'), **{**SWEEP, 'batch_sizes': [4]}, only_point=0)
+  sweep.sweep(tiny_config(), str(tmp_path / 'p'), str(tmp_path / 'o'), **{**SWEEP, 'batch_sizes': [4]}, only_point=0)
   result = json.load(open(tmp_path / 'p' / 'b4_lr1' / 'result.json', encoding='utf-8'))
   assert result['diverged'] and not result['reached']
 
 
 def test_bad_sweeps_fail_before_training():
   with pytest.raises(ValueError, match='--target_loss must be > 0'):
-    sweep.sweep(_base(), '/tmp/x', '/tmp/y', **{**SWEEP, 'target_loss': 0.0})
+    sweep.sweep(tiny_config(), '/tmp/x', '/tmp/y', **{**SWEEP, 'target_loss': 0.0})
   with pytest.raises(ValueError, match='--batch_sizes: 6 must be even .* and divide --eval_set=32'):
-    sweep.sweep(_base(), '/tmp/x', '/tmp/y', **{**SWEEP, 'batch_sizes': [6]})
+    sweep.sweep(tiny_config(), '/tmp/x', '/tmp/y', **{**SWEEP, 'batch_sizes': [6]})
   with pytest.raises(ValueError, match='--point=3: the sweep has points 0..2'):
-    sweep.sweep(_base(), '/tmp/x', '/tmp/y', **SWEEP, only_point=3)
+    sweep.sweep(tiny_config(), '/tmp/x', '/tmp/y', **SWEEP, only_point=3)
 
 
 def test_slurm_script_runs_one_point_per_array_task():
