@@ -11,7 +11,7 @@ import ml_collections
 from framework import batch_schedule, checkpoint, corpus, mesh, metrics, noise_scale, optim, scaling, train
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
-from framework.models import moe_config
+from framework.models import armt_config, moe_config
 
 # Section name -> the module holding its `defaults()` and `validate(cfg, ctx)`. The mesh section is first: the
 # others' checks depend on the mesh sizes it resolves.
@@ -21,6 +21,7 @@ SECTIONS = (
     ('data', corpus),
     ('train', train),
     ('moe', moe_config),
+    ('armt', armt_config),
     ('optim', optim),
     ('scaling', scaling),
     ('noise_scale', noise_scale),

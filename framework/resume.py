@@ -13,7 +13,7 @@ from framework import config as config_lib
 from framework import data_identity
 from framework import optim
 from framework.models import config as model_config
-from framework.models import moe_config
+from framework.models import armt_config, moe_config
 
 
 def _missing_fields(saved: dict, schema, prefix: str = '') -> list[str]:
@@ -29,7 +29,8 @@ def _missing_fields(saved: dict, schema, prefix: str = '') -> list[str]:
 def _structure(cfg) -> dict:
   """The fields that fix the saved state's shapes and tree; anything else (compute dtype, remat, attention
   kernel, learning rate, ...) may change between a save and a resume."""
-  return {**model_config.structure(cfg.model), **moe_config.structure(cfg), **optim.structure(cfg.optim)}
+  return {**model_config.structure(cfg.model), **moe_config.structure(cfg), **armt_config.structure(cfg),
+          **optim.structure(cfg.optim)}
 
 
 def check_resume(checkpointer, step: int, cfg, data_record: dict, allow_data_change: bool = False) -> None:

@@ -20,6 +20,9 @@ from framework.config_checks import Context, fail, non_negative, positive
 from framework.mesh import Sharder, shard_count, spread_over
 from framework.models import moe_balance
 from framework.models.layers import ModelConfig
+from framework.models import armt as armt_lib
+from framework.models.armt import ARMT
+from framework.models.armt_config import ARMTConfig
 from framework.models.moe_config import MoEConfig
 from framework.models.transformer import Transformer, flops_per_token
 
@@ -95,7 +98,9 @@ class Trainer:
     self.sharder = sharder
     batch_shards, _ = shard_count(sharder.rules, dict(sharder.mesh.shape), 'batch')
     moe = MoEConfig.from_config(cfg, batch_shards, num_domains=corpus.num_domains(cfg.data))
-    self.model_cfg = ModelConfig.from_config(cfg.model, moe)
+    self.model_cfg = ModelConfig.from_config(cfg.model, moe, ARMTConfig.from_config(cfg))
+    if self.model_cfg.armt is not None and model_cls is Transformer:
+      model_cls = ARMT
     self.model = model_cls(self.model_cfg, sharder)
     # Parameters do not depend on how activations are laid out; initialising through a mesh-less twin keeps
     # per-shard kernels (shard_map) away from the one-row dummy batch.
@@ -302,4 +307,5 @@ class Trainer:
 
   @property
   def flops_per_token(self) -> float:
-    return flops_per_token(self.model_cfg, self.seq_len)
+    count = armt_lib.flops_per_token if self.model_cfg.armt is not None else flops_per_token
+    return count(self.model_cfg, self.seq_len)

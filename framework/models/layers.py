@@ -33,12 +33,13 @@ class ModelConfig:
   scan_unroll: int
   attention_impl: str
   moe: Any = None  # a framework.models.moe_config.MoEConfig, or None for the dense model
+  armt: Any = None  # a framework.models.armt_config.ARMTConfig, or None for no recurrent memory
 
   @classmethod
-  def from_config(cls, model_cfg, moe=None) -> 'ModelConfig':
-    fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name != 'moe'}
+  def from_config(cls, model_cfg, moe=None, armt=None) -> 'ModelConfig':
+    fields = {f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name not in ('moe', 'armt')}
     fields['head_dim'] = model_config.head_dim(model_cfg)
-    return cls(**fields, moe=moe)
+    return cls(**fields, moe=moe, armt=armt)
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str, ...], std: float,

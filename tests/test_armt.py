@@ -1,0 +1,155 @@
+"""The associative recurrent memory transformer (framework/models/armt.py): the DPFP map and the memory update
+against the paper's formulas written out here, and the diagonal executor against the sequential one (logits,
+final memory, gradients) over several (layers, segments), a ragged last segment and batch > 1, with random
+non-zero W_V so the memory really carries information."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from framework import config as config_lib
+from framework.mesh import Sharder
+from framework.models import armt as armt_lib
+from framework.models.armt_config import ARMTConfig
+from framework.models.layers import ModelConfig
+
+
+def test_dpfp_matches_its_definition():
+  x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+  u = np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], -1)  # length 2d = 10
+  d2 = u.shape[-1]
+  expected = np.concatenate([[[u[r, i] * u[r, (i - j) % d2] for i in range(d2)] for r in range(3)]
+                             for j in (1, 2, 3)], -1)
+  np.testing.assert_allclose(armt_lib.dpfp(jnp.asarray(x)), expected, rtol=1e-6)
+
+
+def test_memory_write_and_read_follow_the_formulas():
+  rng = np.random.default_rng(1)
+  b, m, d, d_mem = 2, 3, 4, 2
+  w = {'wk': rng.standard_normal((d, d_mem)), 'wv': rng.standard_normal((d, d)), 'wb': rng.standard_normal(d),
+       'bb': np.float64(0.3), 'wq': rng.standard_normal((d, d_mem))}
+  w = {k: jnp.asarray(v, jnp.float32) for k, v in w.items()}
+  mem = jnp.asarray(rng.standard_normal((b, m, d)), jnp.float32)
+  a = jnp.asarray(np.abs(rng.standard_normal((b, 6 * d_mem, d))), jnp.float32)
+  z = jnp.asarray(np.abs(rng.standard_normal((b, 6 * d_mem))), jnp.float32)
+  new_a, new_z = armt_lib.memory_write(mem, w, a, z, False)
+  first_a, first_z = armt_lib.memory_write(mem, w, jnp.zeros_like(a), jnp.zeros_like(z), True)
+  for i in range(b):  # one sequence at a time, one memory token at a time, in NumPy
+    exp_a, exp_z = np.asarray(a[i], np.float64), np.asarray(z[i], np.float64)
+    f_a, f_z = np.zeros_like(exp_a), np.zeros_like(exp_z)
+    for j in range(m):
+      x = np.asarray(mem[i, j], np.float64)
+      k = np.asarray(armt_lib.dpfp(jnp.asarray(x @ np.asarray(w['wk']), jnp.float32)), np.float64)
+      v = x @ np.asarray(w['wv'])
+      beta = 1 / (1 + np.exp(-(x @ np.asarray(w['wb']) + 0.3)))
+      v_old = k @ np.asarray(a[i]) / (np.asarray(z[i]) @ k + 1e-5)
+      gamma = np.clip(1 - (np.asarray(z[i]) @ k + 1e-5) / (k @ k + 1e-5), 0, 1)
+      exp_a += beta * np.outer(k, v - v_old)
+      exp_z += gamma * k
+      f_a += beta * np.outer(k, v)  # first segment: v_old = 0, gamma = 1
+      f_z += k
+    np.testing.assert_allclose(new_a[i], exp_a, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(new_z[i], exp_z, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(first_a[i], f_a, rtol=2e-5, atol=1e-5)
+    np.testing.assert_allclose(first_z[i], f_z, rtol=2e-5, atol=1e-5)
+  x = mem  # read: x + phi(W_Q x) A / (z . phi(W_Q x) + 1e-5), and x itself on the first segment
+  q = np.asarray(armt_lib.dpfp(x @ w['wq']), np.float64)
+  expected = np.asarray(x) + np.einsum('btk,bkd->btd', q, a) / (np.einsum('btk,bk->bt', q, z) + 1e-5)[..., None]
+  np.testing.assert_allclose(armt_lib.memory_read(x, w['wq'], a, z, False), expected, rtol=2e-5, atol=1e-5)
+  np.testing.assert_array_equal(armt_lib.memory_read(x, w['wq'], a, z, True), x)
+
+
+def test_wavefronts_cover_every_cell_once_in_dependency_order():
+  for layers, segments in ((3, 2), (3, 3), (2, 5), (1, 4), (4, 1)):
+    seen = {}
+    for t, (lo, hi) in enumerate(armt_lib.wavefronts(layers, segments)):
+      for l in range(lo, hi + 1):
+        seen[(l, t - l)] = t
+    assert sorted(seen) == [(l, s) for l in range(layers) for s in range(segments)]
+    for (l, s), t in seen.items():  # (l - 1, s) and (l, s - 1) ran at the step before
+      assert all(seen[dep] == t - 1 for dep in ((l - 1, s), (l, s - 1)) if dep in seen)
+
+
+def model_config(layers, memory=True, **armt):
+  cfg = config_lib.defaults()
+  cfg.model.update(vocab_size=64, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+  cfg.armt.update(segment_len=4, memory_tokens=2, d_mem=4, memory=memory, **armt)
+  return ModelConfig.from_config(cfg.model, armt=ARMTConfig.from_config(cfg))
+
+
+def random_params(model, tokens, seed=0):
+  """Initialised parameters with W_V, W_beta's bias and the memory embeddings random and non-zero."""
+  params = dict(nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)["params"]))
+  rng = np.random.default_rng(seed)
+  # O(1) embeddings and memory projections (init's 0.02 would leave A ~ 1e-7) and a non-zero W_V.
+  for name, scale in (('mem_wv', 0.3), ('mem_bb', 1.0), ('embedding', 1.0), ('memory', 1.0), ('mem_wk', 0.5),
+                      ('mem_wq', 0.5)):
+    params[name] = jnp.asarray(rng.standard_normal(params[name].shape) * scale, jnp.float32)
+  return params
+
+
+CASES = [
+    (3, 8, 2),    # S = 2 < L = 3
+    (3, 12, 1),   # S = L = 3
+    (2, 19, 2),   # S = 5 > L = 2, the last segment 3 tokens of 4 (padded), batch 2
+]
+
+
+def _run(layers, tokens_len, batch, executor, grads):
+  """(logits, A, z, steps the executor ran, gradients or None) of a random ARMT on random tokens."""
+  model = armt_lib.ARMT(model_config(layers), Sharder(None, ()))
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (batch, tokens_len)), jnp.int32)
+  params = random_params(model, tokens)
+  weights = jnp.asarray(np.random.default_rng(3).standard_normal((batch, tokens_len, 64)), jnp.float32)
+  counted = []
+
+  def loss(p):  # the executor's loop runs while this traces: `steps` is what it ran
+    logits, (a, z), steps = model.apply({'params': p}, tokens, executor, method=armt_lib.ARMT.forward)
+    counted.append(steps)
+    return jnp.sum(logits * weights) + jnp.sum(a) + jnp.sum(z), (logits, a, z)
+  if grads:
+    (_, (logits, a, z)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  else:
+    (_, (logits, a, z)), g = jax.jit(loss)(params), None
+  return logits, a, z, counted[0], g
+
+
+def _close(actual, desired, name):
+  """f32 agreement: |diff| <= 1e-4 |x| + 2e-5 max|x| (the two executors sum in different orders)."""
+  desired = np.asarray(desired)
+  np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=2e-5 * float(np.abs(desired).max()), err_msg=name)
+
+
+@pytest.mark.parametrize('layers,tokens_len,batch', [pytest.param(*c, marks=pytest.mark.slow) if c == CASES[1] else c
+                                                     for c in CASES])
+def test_diagonal_equals_sequential(layers, tokens_len, batch):
+  segments = -(-tokens_len // 4)
+  seq, diag = (_run(layers, tokens_len, batch, e, grads=False) for e in ('sequential', 'diagonal'))
+  assert seq[3] == layers * segments and diag[3] == layers + segments - 1  # cells run; wavefront steps run
+  assert seq[0].shape == (batch, tokens_len, 64)
+  assert float(jnp.abs(seq[1]).max()) > 0.1  # the memory holds something
+  for name, x, y in zip(('logits', 'A', 'z'), seq[:3], diag[:3]):
+    _close(y, x, name)
+
+
+@pytest.mark.parametrize('case', [pytest.param(c, marks=pytest.mark.slow) if c != CASES[-1] else c for c in CASES])
+def test_diagonal_gradients_equal_sequential(case):
+  seq, diag = (_run(*case, e, grads=True) for e in ('sequential', 'diagonal'))
+  theirs = dict(jax.tree_util.tree_leaves_with_path(diag[4]))
+  for path, g in jax.tree_util.tree_leaves_with_path(seq[4]):
+    _close(theirs[path], g, jax.tree_util.keystr(path))
+
+
+def test_without_memory_segments_do_not_see_each_other():
+  """memory=False: a segment's logits do not depend on the tokens of earlier segments (the ablation's premise),
+  and with memory they do."""
+  tokens = np.random.default_rng(4).integers(0, 64, (1, 12))
+  changed = tokens.copy()
+  changed[0, :4] = (changed[0, :4] + 1) % 64  # only the first segment differs
+  for memory, differs in ((False, False), (True, True)):
+    model = armt_lib.ARMT(model_config(2, memory=memory), Sharder(None, ()))
+    params = random_params(model, jnp.asarray(tokens, jnp.int32))
+    apply = jax.jit(lambda t, p=params, mdl=model: mdl.apply({'params': p}, t)[0])
+    a, b = apply(jnp.asarray(tokens, jnp.int32)), apply(jnp.asarray(changed, jnp.int32))
+    assert bool(jnp.any(jnp.abs(a[:, 4:] - b[:, 4:]) > 1e-4)) == differs, memory
