@@ -5,6 +5,7 @@
   python -m launch.bench --suite=kernels    # Pallas kernels vs their XLA (and cuDNN) baselines
   python -m launch.bench --suite=moe        # moe_tiny: dispatch paths vs the dense twin, exact vs running balance
   python -m launch.bench --suite=noise_scale --config=configs/lm_tiny.py   # step time with / without the estimate
+  python -m launch.bench --suite=diagonal   # ARMT: diagonal vs sequential executor vs full attention
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 import configs
 from launch import runtime_flags, timing
 
-_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'all'],
+_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'diagonal', 'all'],
                            'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
@@ -32,7 +33,7 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (a
 _PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a plain PyTorch implementation '
                           "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
 _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
-                           'runs in interpret mode).')
+                           'runs in interpret mode); diagonal: the small cases only.')
 
 
 def _reference_step(trainer, batch, device):
@@ -176,6 +177,9 @@ def main(argv):
   if _SUITE.value in ('noise_scale', 'all'):
     from launch import bench_noise_scale  # pylint: disable=g-import-not-at-top
     runtime_flags.exit_on_user_error(bench_noise_scale.run, _CONFIG.value, _STEPS.value)
+  if _SUITE.value in ('diagonal', 'all'):
+    from launch import bench_diagonal  # pylint: disable=g-import-not-at-top
+    bench_diagonal.run(_STEPS.value, _QUICK.value)
 
 
 if __name__ == '__main__':

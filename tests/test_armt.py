@@ -153,3 +153,18 @@ def test_without_memory_segments_do_not_see_each_other():
     apply = jax.jit(lambda t, p=params, mdl=model: mdl.apply({'params': p}, t)[0])
     a, b = apply(jnp.asarray(tokens, jnp.int32)), apply(jnp.asarray(changed, jnp.int32))
     assert bool(jnp.any(jnp.abs(a[:, 4:] - b[:, 4:]) > 1e-4)) == differs, memory
+
+
+def test_generation_segment_by_segment_equals_recomputing_everything():
+  """Greedy generation that carries the memory across segments picks the tokens a full forward over the whole
+  sequence so far picks (the independent O(n^2) reference), across two segment boundaries."""
+  model = armt_lib.ARMT(model_config(2), Sharder(None, ()))
+  prompt = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 6)), jnp.int32)
+  params = random_params(model, prompt)
+  out = armt_lib.generate(model, params, prompt, max_new=7)
+  assert out.shape == (2, 13)
+  np.testing.assert_array_equal(out[:, :6], prompt)
+  # The reference: one forward over all 13 tokens with only the first n real (the rest a padded tail).
+  full = jax.jit(lambda t, n: model.apply({'params': params}, t, None, None, n, method=armt_lib.ARMT.forward)[0])
+  for n in range(6, 13):
+    np.testing.assert_array_equal(out[:, n], jnp.argmax(full(out, n)[:, n - 1], -1), err_msg=f'token {n}')

@@ -70,8 +70,9 @@ def _take(tree, index):
   return jax.tree.map(lambda w: w[index], tree)
 
 
-def run_sequential(cell, layers, memory, x_in, sids, a0, z0, remat=False):
-  """Segment after segment, layer after layer. x_in [S, B, T, d], sids [S, B, T]; a0/z0 stacked [L, ...].
+def run_sequential(cell, layers, memory, x_in, sids, a0, z0, remat=False, fresh=True):
+  """Segment after segment, layer after layer. x_in [S, B, T, d], sids [S, B, T]; a0/z0 stacked [L, ...], the
+  memory before the first segment (`fresh`: empty, so the first segment neither reads it nor corrects its writes).
   Returns (outputs [S, B, T, d] of the last layer, (A, z) after the last segment, cells run)."""
   n_layers, n_segments = a0.shape[0], x_in.shape[0]
 
@@ -86,7 +87,7 @@ def run_sequential(cell, layers, memory, x_in, sids, a0, z0, remat=False):
     return new_state, y
   if remat:
     segment = jax.checkpoint(segment)
-  first = jnp.arange(n_segments) == 0
+  first = (jnp.arange(n_segments) == 0) & fresh
   state, ys = jax.lax.scan(segment, (a0, z0), (x_in, sids, first))
   return ys, state, n_layers * n_segments
 
@@ -96,7 +97,7 @@ def wavefronts(n_layers: int, n_segments: int) -> list[tuple[int, int]]:
   return [(max(0, t - n_segments + 1), min(t, n_layers - 1)) for t in range(n_layers + n_segments - 1)]
 
 
-def run_diagonal(cell, layers, memory, x_in, sids, a0, z0, remat=False):
+def run_diagonal(cell, layers, memory, x_in, sids, a0, z0, remat=False, fresh=True):
   """The L + S - 1 wavefronts, every cell of one at once. Same arguments and results as run_sequential; the last
   result counts the wavefront steps run."""
   n_layers, n_segments = a0.shape[0], x_in.shape[0]
@@ -105,12 +106,12 @@ def run_diagonal(cell, layers, memory, x_in, sids, a0, z0, remat=False):
   def step(carry, t, lo, hi):
     """Wavefront t over layers lo..hi; t may be traced (the full wavefronts' scan), lo and hi are static."""
     h, a, z = carry  # h[l]: layer l's output at the previous step
-    fresh = [jax.lax.dynamic_index_in_dim(x_in, jnp.minimum(t, n_segments - 1), keepdims=True)] if lo == 0 else []
-    inputs = jnp.concatenate(fresh + [h[max(lo, 1) - 1:hi]], axis=0)
+    entering = [jax.lax.dynamic_index_in_dim(x_in, jnp.minimum(t, n_segments - 1), keepdims=True)] if lo == 0 else []
+    inputs = jnp.concatenate(entering + [h[max(lo, 1) - 1:hi]], axis=0)
     layer_ids = jnp.arange(lo, hi + 1)
     seg_ids = jnp.take(sids, t - layer_ids, axis=0)
     ys, a_new, z_new = cells(_take(layers, slice(lo, hi + 1)), _take(memory, slice(lo, hi + 1)), inputs,
-                             a[lo:hi + 1], z[lo:hi + 1], t - layer_ids == 0, seg_ids)
+                             a[lo:hi + 1], z[lo:hi + 1], (t - layer_ids == 0) & fresh, seg_ids)
     return (h.at[lo:hi + 1].set(ys), a.at[lo:hi + 1].set(a_new), z.at[lo:hi + 1].set(z_new)), ys[-1]
   if remat:
     step = jax.checkpoint(step, static_argnums=(2, 3))
@@ -153,8 +154,12 @@ class ARMT(nn.Module):
     return logits, {}
 
   @nn.compact
-  def forward(self, tokens, executor: str | None = None):
-    """(logits, (A [L, B, d_key, d], z [L, B, d_key]) after the last segment, steps the executor ran)."""
+  def forward(self, tokens, executor: str | None = None, state=None, length=None):
+    """(logits, (A [L, B, d_key, d], z [L, B, d_key]) after the last segment, steps the executor ran).
+
+    `state`: the memory (A, z) to start from (what an earlier call returned), so a long input can be fed segment
+    by segment (generation); None: empty. `length` (may be traced): only the first `length` tokens are real, the
+    rest padding, as a ragged last segment's; None: all of them."""
     c, a, sh = self.cfg, self.cfg.armt, self.sharder
     b, n = tokens.shape
     seg, m = a.segment_len, a.memory_tokens
@@ -183,7 +188,7 @@ class ARMT(nn.Module):
     x = jnp.take(table, jnp.pad(tokens, ((0, 0), (0, pad))), axis=0)
     x = x.reshape(b, n_segments, seg, c.d_model).swapaxes(0, 1)  # [S, B, seg, d]
     x_in = jnp.concatenate([x, jnp.broadcast_to(mem_embed, (n_segments, b, m, c.d_model))], axis=2)
-    real = jnp.arange(n_segments * seg).reshape(n_segments, 1, seg) < n  # pads: their own attention segment
+    real = jnp.arange(n_segments * seg).reshape(n_segments, 1, seg) < (n if length is None else length)
     sids = jnp.concatenate([real, jnp.ones((n_segments, 1, m), bool)], axis=2).astype(jnp.int32)
     sids = jnp.broadcast_to(sids, (n_segments, b, length))
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
@@ -196,9 +201,11 @@ class ARMT(nn.Module):
         mem_a, mem_z = memory_write(h[:, seg:], w, mem_a, mem_z, first)
       return h, mem_a, mem_z
 
-    a0 = jnp.zeros((c.n_layers, b, d_key, c.d_model), jnp.float32)
-    z0 = jnp.zeros((c.n_layers, b, d_key), jnp.float32)
-    ys, state, steps = EXECUTORS[executor or a.executor](cell, layers, memory, x_in, sids, a0, z0, a.remat)
+    fresh = state is None
+    if fresh:
+      state = (jnp.zeros((c.n_layers, b, d_key, c.d_model), jnp.float32), jnp.zeros((c.n_layers, b, d_key),
+                                                                                      jnp.float32))
+    ys, state, steps = EXECUTORS[executor or a.executor](cell, layers, memory, x_in, sids, *state, a.remat, fresh)
     h = ys[:, :, :seg].swapaxes(0, 1).reshape(b, n_segments * seg, c.d_model)[:, :n]
     h = RMSNorm(c, name='final_norm')(sh.constrain(h, ('batch', 'seq', 'act_embed')))
     head = embedding.T if c.tie_embeddings else param(self, 'head', (c.d_model, c.vocab_size), ('embed', 'vocab'),
@@ -221,3 +228,42 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   per_row = c.n_layers * (layer + read + write + scores)
   del seq_len
   return 6.0 * (rows * per_row + c.d_model * c.vocab_size)
+
+
+def generate(model: ARMT, params, prompt, max_new: int):
+  """Greedy continuation of prompt [B, P] by `max_new` tokens, segment by segment: each completed segment is
+  written into the memory once and never run again; the segment being filled (padded to a whole segment, so one
+  compiled step serves every length) is rerun for each new token on the memory of the segments before it.
+  Returns [B, P + max_new] tokens."""
+  seg = model.cfg.armt.segment_len
+
+  @jax.jit
+  def run(tokens, state, length):
+    logits, new_state, _ = model.apply({'params': params}, tokens, None, state, length, method=ARMT.forward)
+    return logits, new_state
+
+  @jax.jit
+  def run_first(tokens, length):  # no memory yet
+    logits, new_state, _ = model.apply({'params': params}, tokens, None, None, length, method=ARMT.forward)
+    return logits, new_state
+
+  def segment(tokens, state):
+    r = tokens.shape[1]
+    padded = jnp.pad(tokens, ((0, 0), (0, seg - r)))
+    logits, new_state = run_first(padded, r) if state is None else run(padded, state, r)
+    return logits[:, r - 1], new_state
+
+  out = jnp.asarray(prompt, jnp.int32)
+  state, last = None, None
+  done = 0  # tokens in segments already written into the memory
+  while out.shape[1] - done >= seg:
+    last, state = segment(out[:, done:done + seg], state)
+    done += seg
+  for _ in range(max_new):
+    if out.shape[1] > done:
+      last, _ = segment(out[:, done:], state)
+    out = jnp.concatenate([out, jnp.argmax(last, -1).astype(jnp.int32)[:, None]], axis=1)
+    if out.shape[1] - done == seg:  # the segment is complete: write it into the memory
+      last, state = segment(out[:, done:], state)
+      done += seg
+  return out

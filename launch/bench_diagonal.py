@@ -1,0 +1,70 @@
+"""`launch.bench --suite=diagonal`: ARMT's diagonal executor against the sequential one and against a plain
+full-attention transformer of the same size over the whole context, forward and forward + backward, same run.
+
+For each (layers, segments, segment length) the three variants run the same batch with the same dense weights
+(the ARMT adds its memory embeddings and projections; the full-attention model attends over all the context at
+once, the ARMT over segment + memory rows), alternating call by call (launch/timing.py). --quick keeps the small
+cases only.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+CASES = ((2, 4, 64), (4, 8, 64), (4, 16, 128), (8, 16, 128), (4, 32, 256))
+QUICK = CASES[:2]
+D_MODEL, HEADS, D_FF, MEMORY, BATCH = 128, 4, 512, 8, 2
+
+
+def _model_config(layers: int, seg: int, executor: str | None):
+  from framework.models.armt_config import ARMTConfig  # pylint: disable=g-import-not-at-top
+  from framework.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
+  armt = None if executor is None else ARMTConfig(segment_len=seg, memory_tokens=MEMORY, d_mem=16,
+                                                  executor=executor, remat=False, memory=True)
+  return ModelConfig(vocab_size=512, d_model=D_MODEL, n_layers=layers, n_heads=HEADS, n_kv_heads=HEADS,
+                     head_dim=D_MODEL // HEADS, d_ff=D_FF, max_seq_len=1 << 16, rope_theta=10000.0, norm_eps=1e-5,
+                     init_std=0.02, tie_embeddings=False, param_dtype='float32', dtype='float32',
+                     remat_policy='none', scan_unroll=0, attention_impl='xla', armt=armt)
+
+
+def _fns(model, params, tokens):
+  """(forward, forward + backward) of the summed logits, each a step for time_interleaved."""
+  def loss(p):
+    logits, _ = model.apply({'params': p}, tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+                            jnp.ones_like(tokens))
+    return jnp.mean(logits)
+  # The state is (parameters, last result): returning the result keeps XLA from dropping the work.
+  fwd = jax.jit(lambda state, _: (state[0], loss(state[0])))
+  grad = jax.jit(lambda state, _: (state[0], jax.grad(loss)(state[0])))
+  return fwd, grad
+
+
+def run(steps: int, quick: bool) -> None:
+  from framework.mesh import Sharder  # pylint: disable=g-import-not-at-top
+  from framework.models.armt import ARMT  # pylint: disable=g-import-not-at-top
+  from framework.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  from launch.timing import time_interleaved  # pylint: disable=g-import-not-at-top
+
+  sharder = Sharder(None, ())
+  print(f'# diagonal suite: d {D_MODEL}, {HEADS} heads, d_ff {D_FF}, {MEMORY} memory tokens, batch {BATCH}, f32; '
+        f'{jax.devices()[0].device_kind}; median of {steps} alternating calls')
+  print('| layers | segments | segment | context | pass | sequential ms | diagonal ms | full attention ms | '
+        'diagonal vs sequential | diagonal vs full |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
+  for layers, segments, seg in (QUICK if quick else CASES):
+    tokens = jax.random.randint(jax.random.key(0), (BATCH, segments * seg), 0, 512)
+    models = {'sequential': ARMT(_model_config(layers, seg, 'sequential'), sharder),
+              'diagonal': ARMT(_model_config(layers, seg, 'diagonal'), sharder),
+              'full': Transformer(_model_config(layers, seg, None), sharder)}
+    params = nn.meta.unbox(jax.jit(models['diagonal'].init)(jax.random.key(0), tokens)['params'])
+    dense = nn.meta.unbox(jax.jit(models['full'].init)(jax.random.key(0), tokens, tokens, tokens)['params'])
+    dense = {**dense, 'layers': params['layers'], 'embedding': params['embedding'], 'head': params['head']}
+    weights = {'sequential': params, 'diagonal': params, 'full': dense}
+    fns = {name: _fns(m, weights[name], tokens) for name, m in models.items()}
+    for pass_name, index in (('forward', 0), ('forward + backward', 1)):
+      start = {name: (weights[name], jnp.zeros(()) if index == 0 else weights[name]) for name in fns}
+      times = time_interleaved({name: (f[index], start[name], None) for name, f in fns.items()}, steps)
+      s, d, f = (1e3 * times[k] for k in ('sequential', 'diagonal', 'full'))
+      print(f'| {layers} | {segments} | {seg} | {segments * seg} | {pass_name} | {s:.1f} | {d:.1f} | {f:.1f} | '
+            f'{s / d:.2f}x | {f / d:.2f}x |')
