@@ -9,8 +9,8 @@ Here G_small is a gradient-accumulation micro-batch's mean gradient (|G_small|^2
 micro-batches) and G_big the step's accumulated mean gradient, so the estimate costs one squared norm per
 micro-batch. Without accumulation (train.micro_batches=1) on a batch split over N >= 2 devices, G_small is one
 batch shard's gradient (what a device computes before the all-reduce) and G_big their mean (train.py,
-`_per_shard_grads`); that costs each device a whole gradient's memory instead of its fsdp slice. Batch sizes are in tokens (the loss is a per-token mean), so B_simple is in tokens; divide by the
-sequence length for sequences. Each estimate is noisy, so both terms are smoothed with a bias-corrected EMA over
+`_per_shard_grads`); that costs each device a whole gradient's memory instead of its fsdp slice. Batch sizes are
+in tokens (the loss is a per-token mean), so B_simple is in tokens; divide by the sequence length for sequences. Each estimate is noisy, so both terms are smoothed with a bias-corrected EMA over
 steps before their ratio is taken; the EMA state is saved with each checkpoint so a resumed run continues it.
 """
 from __future__ import annotations

@@ -18,11 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shlex
-import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from framework import metrics as metrics_lib
 from launch import runtime_flags, study_io
@@ -140,16 +138,9 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  runtime_flags.exit_on_user_error(runtime_flags.apply)
-  runtime_flags.exit_on_user_error(
-      study, f.study_config, f.workdir, f.out, f.sizes, f.micro_rows, f.budget_examples, f.theta, f.eval_examples,
-      f.eval_set, command='python -m launch.adaptive_batch ' + ' '.join(shlex.quote(a) for a in sys.argv[1:]))
-  with open(os.path.join(f.out, 'summary.md'), encoding='utf-8') as fh:
-    print(fh.read())
-  logging.info('table and plots in %s', f.out)
+  study_io.run_main(argv, 'launch.adaptive_batch', study, f.study_config, f.workdir, f.out, f.sizes, f.micro_rows,
+                    f.budget_examples, f.theta, f.eval_examples, f.eval_set, out=f.out)
 
 
 if __name__ == '__main__':

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shlex
-import sys
 
 import numpy as np
 from absl import app, flags, logging
@@ -137,15 +135,8 @@ def define_flags() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  runtime_flags.exit_on_user_error(runtime_flags.apply)
-  runtime_flags.exit_on_user_error(
-      study, f.out, f.steps, f.batch, f.pairs, f.eval_every,
-      command='python -m launch.armt_memory ' + ' '.join(shlex.quote(a) for a in sys.argv[1:]))
-  with open(os.path.join(f.out, 'summary.md'), encoding='utf-8') as fh:
-    print(fh.read())
+  study_io.run_main(argv, 'launch.armt_memory', study, f.out, f.steps, f.batch, f.pairs, f.eval_every, out=f.out)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
+import sys
 
 
 def load_config(path: str):
@@ -26,3 +28,17 @@ def write_summary(out: str, markdown_lines: list[str], summary, command: str) ->
     json.dump(summary, f, indent=1)
   with open(os.path.join(out, 'command.txt'), 'w', encoding='utf-8') as f:
     f.write(command + '\n')
+
+
+def run_main(argv, module: str, study, *args, out: str) -> None:
+  """A study launcher's main(): set up the runtime, run `study(*args, command=...)` (one line on stderr for a user
+  error, not a traceback) and print the summary it wrote."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from launch import runtime_flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime_flags.exit_on_user_error(runtime_flags.apply)
+  command = f'python -m {module} ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+  runtime_flags.exit_on_user_error(study, *args, command=command)
+  with open(os.path.join(out, 'summary.md'), encoding='utf-8') as f:
+    print(f.read())

@@ -2,6 +2,8 @@
 against the paper's formulas written out here, and the diagonal executor against the sequential one (logits,
 final memory, gradients) over several (layers, segments), a ragged last segment and batch > 1, with random
 non-zero W_V so the memory really carries information."""
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -168,3 +170,54 @@ def test_generation_segment_by_segment_equals_recomputing_everything():
   full = jax.jit(lambda t, n: model.apply({'params': params}, t, None, None, n, method=armt_lib.ARMT.forward)[0])
   for n in range(6, 13):
     np.testing.assert_array_equal(out[:, n], jnp.argmax(full(out, n)[:, n - 1], -1), err_msg=f'token {n}')
+
+
+def test_trains_through_the_loop_with_checkpoints(tmp_path):
+  """launch.train's driver on an ARMT config: steps run, the loss falls, a checkpoint holds the memory weights."""
+  from framework import loop  # pylint: disable=import-outside-toplevel
+  from framework import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.defaults()
+  cfg.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+  cfg.armt.update(segment_len=8, memory_tokens=2, d_mem=4)
+  cfg.data.update(seq_len=20, max_corpus_bytes=2_000_000)  # 3 segments, the last 4 of 8 tokens
+  cfg.train.update(steps=4, batch_size=4, log_every=1, eval_every=0)
+  cfg.optim.update(lr=3e-3, warmup_steps=1)
+  cfg.checkpoint.update(every_steps=4, async_save=False)
+  cfg.metrics.update(peak_flops_per_device=1e12, tensorboard=False)
+  loop.train(cfg, str(tmp_path), devices=jax.devices()[:1])
+  losses = [json.loads(line)['loss'] for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert len(losses) == 4 and losses[-1] < losses[0]
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path / 'checkpoints'), cfg.checkpoint)
+  try:
+    assert checkpointer.latest_step() == 4
+  finally:
+    checkpointer.close()
+
+
+def test_bad_armt_configs_name_the_field():
+  cfg = config_lib.defaults()
+  cfg.armt.segment_len = 16
+  cfg.model.attention_impl = 'pallas'
+  with pytest.raises(ValueError, match="config model.attention_impl: the ARMT executors"):
+    config_lib.validate(cfg, num_devices=1)
+  cfg.model.attention_impl = 'xla'
+  cfg.armt.executor = 'parallel'
+  with pytest.raises(ValueError, match='config armt.executor'):
+    config_lib.validate(cfg, num_devices=1)
+  cfg.armt.executor = 'diagonal'
+  cfg.moe.num_experts = 4
+  with pytest.raises(ValueError, match='config armt.segment_len: .*moe.num_experts=0'):
+    config_lib.validate(cfg, num_devices=1)
+
+
+@pytest.mark.slow
+def test_remat_gives_the_same_gradients():
+  for executor in ('sequential', 'diagonal'):
+    grads = []
+    for remat in (False, True):
+      model = armt_lib.ARMT(model_config(2, remat=remat, executor=executor), Sharder(None, ()))
+      tokens = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 12)), jnp.int32)
+      params = random_params(model, tokens)
+      grads.append(jax.jit(jax.grad(lambda p, m=model: jnp.sum(m.apply({'params': p}, tokens)[0] ** 2)))(params))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      _close(b, a, executor)

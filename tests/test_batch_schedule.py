@@ -143,7 +143,10 @@ def _adaptive_cfg():
 def test_adaptive_run_grows_and_resumes_bit_for_bit(tmp_path, monkeypatch):
   cfg = _adaptive_cfg()
   straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  seen = _consumed(monkeypatch)
   loop.train(cfg, str(straight), devices=jax.devices()[:1])
+  starts = [first for first, _, _ in seen]  # each batch starts where the one before ended, whatever its size
+  assert starts == [0] + list(np.cumsum([rows for _, rows, _ in seen])[:-1])
   monkeypatch.setattr(loop, '_StopRequest', lambda: _StopAfter(3))
   loop.train(cfg, str(resumed), devices=jax.devices()[:1])
   assert len(_records(resumed)) == 4  # stopped at step 4, on the rung the norm test chose at step 4

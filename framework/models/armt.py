@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from framework.mesh import Sharder
 from framework.models.dense import dense
 from framework.models.layers import ModelConfig, RMSNorm, param
-from framework.models.transformer import Block, _remat
+from framework.models.transformer import _remat
 
 EPS = 1e-5
 
