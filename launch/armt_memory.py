@@ -6,8 +6,9 @@ Each row is three segments of 2 x --pairs tokens: the first lists --pairs key-va
 replacement from 32, values from 16), the second is filler (random tokens of their own range), the third asks the
 keys again in another order, each followed by its value. Only the answers count in the loss and the accuracy, so
 within its own segment the model sees a key but never its value: only the memory can carry it from the first
-segment. Chance is 1/16 (6.25%, loss ln 16 = 2.77). The same small ARMT (2 layers, d 64, 4 memory tokens per
-segment of 16) trains twice with the same data and initialisation, once with armt.memory=False.
+segment. Chance is 1/16 (6.25%, loss ln 16 = 2.77). The same small ARMT (2 layers, d 64, --memory_tokens per
+segment of 16; each memory token writes one key-value association per layer and segment) trains twice with the
+same data and initialisation, once with armt.memory=False.
 
 Writes to --out: curves.csv (accuracy and loss on 512 fixed held-out rows every --eval_every steps), curves.png,
 summary.json, summary.md and command.txt. Each run takes a few minutes on 2 CPU cores and restarts from scratch.
@@ -25,13 +26,13 @@ from launch import runtime_flags, study_io
 KEYS, VALUES, FILLER = (2, 34), (40, 56), (60, 120)  # token ranges [lo, hi)
 
 
-def config(pairs: int, steps: int, batch: int, memory: bool, seed: int = 0):
+def config(pairs: int, steps: int, batch: int, memory: bool, memory_tokens: int = 4, seed: int = 0):
   from framework import config as config_lib  # pylint: disable=g-import-not-at-top
   cfg = config_lib.defaults()
   cfg.seed = seed
   seg = 2 * pairs
   cfg.model.update(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
-  cfg.armt.update(segment_len=seg, memory_tokens=4, d_mem=16, executor='diagonal', memory=memory)
+  cfg.armt.update(segment_len=seg, memory_tokens=memory_tokens, d_mem=16, executor='diagonal', memory=memory)
   cfg.data.update(source='array', seq_len=3 * seg)  # the batches are made here; the data section gives the shape
   cfg.train.update(steps=steps, batch_size=batch)
   cfg.optim.update(lr=3e-3, warmup_steps=50, schedule='cosine', weight_decay=0.0)
@@ -89,8 +90,10 @@ def train_one(cfg, pairs: int, eval_every: int, heldout: int = 512) -> list[dict
   return curve
 
 
-def study(out: str, steps: int, batch: int, pairs: int, eval_every: int, command: str = '') -> dict:
-  curves = {memory: train_one(config(pairs, steps, batch, memory), pairs, eval_every) for memory in (True, False)}
+def study(out: str, steps: int, batch: int, pairs: int, eval_every: int, memory_tokens: int = 4,
+          command: str = '') -> dict:
+  curves = {memory: train_one(config(pairs, steps, batch, memory, memory_tokens), pairs, eval_every)
+            for memory in (True, False)}
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'curves.csv'), 'w', newline='', encoding='utf-8') as f:
     w = csv.writer(f)
@@ -100,11 +103,13 @@ def study(out: str, steps: int, batch: int, pairs: int, eval_every: int, command
         w.writerow((memory, p['step'], p['loss'], p['accuracy']))
   chance = 1 / (VALUES[1] - VALUES[0])
   summary = {'chance_accuracy': chance, 'steps': steps, 'batch': batch, 'pairs': pairs,
+             'memory_tokens': memory_tokens,
              **{f'memory_{"on" if m else "off"}': c[-1] for m, c in curves.items()}}
   lines = ['| memory | final held-out answer loss | final held-out accuracy |', '|---|---|---|']
   for m, c in curves.items():
     lines.append(f"| {'on' if m else 'off'} | {c[-1]['loss']:.3f} | {100 * c[-1]['accuracy']:.1f}% |")
-  lines.append(f'\nChance: {100 * chance:.2f}% (loss {np.log(1 / chance):.2f}); {steps} steps of {batch} rows.')
+  lines.append(f'\nChance: {100 * chance:.2f}% (loss {np.log(1 / chance):.2f}); {steps} steps of {batch} rows; '
+               f'{pairs} pairs, {memory_tokens} memory tokens per segment.')
   study_io.write_summary(out, lines, summary, command)
 
   import matplotlib  # pylint: disable=g-import-not-at-top  (the [study] extra)
@@ -132,11 +137,13 @@ def define_flags() -> None:
   flags.DEFINE_integer('batch', 32, 'Rows per step.')
   flags.DEFINE_integer('pairs', 8, 'Key-value pairs per row (segments are 2 x pairs tokens).')
   flags.DEFINE_integer('eval_every', 50, 'Steps between held-out evaluations.')
+  flags.DEFINE_integer('memory_tokens', 4, 'Memory tokens per segment (each writes one key-value pair per layer).')
 
 
 def main(argv):
   f = flags.FLAGS
-  study_io.run_main(argv, 'launch.armt_memory', study, f.out, f.steps, f.batch, f.pairs, f.eval_every, out=f.out)
+  study_io.run_main(argv, 'launch.armt_memory', study, f.out, f.steps, f.batch, f.pairs, f.eval_every,
+                    f.memory_tokens, out=f.out)
 
 
 if __name__ == '__main__':

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-CASES = ((2, 4, 64), (4, 8, 64), (4, 16, 128), (8, 16, 128), (4, 32, 256))
+CASES = ((2, 4, 64), (4, 8, 64), (4, 16, 128), (8, 16, 128), (4, 16, 256))
 QUICK = CASES[:2]
 D_MODEL, HEADS, D_FF, MEMORY, BATCH = 128, 4, 512, 8, 2
 
