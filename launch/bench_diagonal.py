@@ -1,10 +1,11 @@
 """`launch.bench --suite=diagonal`: ARMT's diagonal executor against the sequential one and against a plain
 full-attention transformer of the same size over the whole context, forward and forward + backward, same run.
 
-For each (layers, segments, segment length) the three variants run the same batch with the same dense weights
-(the ARMT adds its memory embeddings and projections; the full-attention model attends over all the context at
-once, the ARMT over segment + memory rows), alternating call by call (launch/timing.py). --quick keeps the small
-cases only.
+For each (layers, segments, segment length) the variants run the same batch with the same dense weights (the
+ARMT adds its memory embeddings and projections; the full-attention model attends over all the context at once,
+the ARMT over segment + memory rows), alternating call by call (launch/timing.py). The diagonal executor also
+runs with armt.memory=False: the difference is what the memory reads and writes cost (the profile that decides
+whether they need a kernel of their own). --quick keeps the small cases only.
 """
 from __future__ import annotations
 
@@ -17,11 +18,11 @@ QUICK = CASES[:2]
 D_MODEL, HEADS, D_FF, MEMORY, BATCH = 128, 4, 512, 8, 2
 
 
-def _model_config(layers: int, seg: int, executor: str | None):
+def _model_config(layers: int, seg: int, executor: str | None, memory: bool = True):
   from framework.models.armt_config import ARMTConfig  # pylint: disable=g-import-not-at-top
   from framework.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
   armt = None if executor is None else ARMTConfig(segment_len=seg, memory_tokens=MEMORY, d_mem=16,
-                                                  executor=executor, remat=False, memory=True)
+                                                  executor=executor, remat=False, memory=memory)
   return ModelConfig(vocab_size=512, d_model=D_MODEL, n_layers=layers, n_heads=HEADS, n_kv_heads=HEADS,
                      head_dim=D_MODEL // HEADS, d_ff=D_FF, max_seq_len=1 << 16, rope_theta=10000.0, norm_eps=1e-5,
                      init_std=0.02, tie_embeddings=False, param_dtype='float32', dtype='float32',
@@ -50,21 +51,22 @@ def run(steps: int, quick: bool) -> None:
   print(f'# diagonal suite: d {D_MODEL}, {HEADS} heads, d_ff {D_FF}, {MEMORY} memory tokens, batch {BATCH}, f32; '
         f'{jax.devices()[0].device_kind}; median of {steps} alternating calls')
   print('| layers | segments | segment | context | pass | sequential ms | diagonal ms | full attention ms | '
-        'diagonal vs sequential | diagonal vs full |')
-  print('|---|---|---|---|---|---|---|---|---|---|')
+        'diagonal vs sequential | diagonal vs full | memory ops share of diagonal |')
+  print('|---|---|---|---|---|---|---|---|---|---|---|')
   for layers, segments, seg in (QUICK if quick else CASES):
     tokens = jax.random.randint(jax.random.key(0), (BATCH, segments * seg), 0, 512)
     models = {'sequential': ARMT(_model_config(layers, seg, 'sequential'), sharder),
               'diagonal': ARMT(_model_config(layers, seg, 'diagonal'), sharder),
+              'no memory': ARMT(_model_config(layers, seg, 'diagonal', memory=False), sharder),
               'full': Transformer(_model_config(layers, seg, None), sharder)}
     params = nn.meta.unbox(jax.jit(models['diagonal'].init)(jax.random.key(0), tokens)['params'])
     dense = nn.meta.unbox(jax.jit(models['full'].init)(jax.random.key(0), tokens, tokens, tokens)['params'])
     dense = {**dense, 'layers': params['layers'], 'embedding': params['embedding'], 'head': params['head']}
-    weights = {'sequential': params, 'diagonal': params, 'full': dense}
+    weights = {'sequential': params, 'diagonal': params, 'no memory': params, 'full': dense}
     fns = {name: _fns(m, weights[name], tokens) for name, m in models.items()}
     for pass_name, index in (('forward', 0), ('forward + backward', 1)):
       start = {name: (weights[name], jnp.zeros(()) if index == 0 else weights[name]) for name in fns}
       times = time_interleaved({name: (f[index], start[name], None) for name, f in fns.items()}, steps)
-      s, d, f = (1e3 * times[k] for k in ('sequential', 'diagonal', 'full'))
+      s, d, f, bare = (1e3 * times[k] for k in ('sequential', 'diagonal', 'full', 'no memory'))
       print(f'| {layers} | {segments} | {seg} | {segments * seg} | {pass_name} | {s:.1f} | {d:.1f} | {f:.1f} | '
-            f'{s / d:.2f}x | {f / d:.2f}x |')
+            f'{s / d:.2f}x | {f / d:.2f}x | {100 * (d - bare) / d:.0f}% |')
