@@ -160,3 +160,23 @@ def test_adaptive_run_grows_and_resumes_bit_for_bit(tmp_path, monkeypatch):
   assert [(r['step'], r['batch_size'], r['loss'], r['b_simple']) for r in a] == [
       (r['step'], r['batch_size'], r['loss'], r['b_simple']) for r in b]
   assert a[-1]['examples'] == b[-1]['examples'] >= 80
+
+
+def test_adaptive_run_resumes_onto_another_device_count(tmp_path, monkeypatch):
+  """Stopped on 1 device, resumed on 2 (data parallel): the rung in effect carries over, and the batches read
+  before and after the resume tile the stream, none skipped or repeated."""
+  cfg = _adaptive_cfg()
+  monkeypatch.setattr(loop, '_StopRequest', lambda: _StopAfter(3))
+  seen = _consumed(monkeypatch)
+  loop.train(cfg, str(tmp_path), devices=jax.devices()[:1])
+  before = _records(tmp_path)
+  monkeypatch.setattr(loop, '_StopRequest', lambda: _StopAfter(10**6))  # runs to the end
+  on_two = _adaptive_cfg()
+  on_two.mesh.update(data=2)
+  loop.train(on_two, str(tmp_path), devices=jax.devices()[:2])
+  after = _records(tmp_path)
+  assert after[:len(before)] == before and len(after) > len(before)
+  assert after[len(before)]['batch_size'] >= before[-1]['batch_size']  # the saved rung (or a later one), not 8
+  starts = [first for first, _, _ in seen]
+  assert starts == [0] + list(np.cumsum([rows for _, rows, _ in seen])[:-1])
+  assert after[-1]['examples'] == sum(rows for _, rows, _ in seen)
