@@ -105,6 +105,11 @@ def _log_progress(done: int, steps: int, record: dict, eta: float, schedule) -> 
                record['lr'], record['grad_norm'], speed, metrics_lib.format_duration(eta))
 
 
+def _log_scaling(changes) -> None:
+  for field, old, new, why in changes:
+    logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
+
+
 def _rung_trainer(cfg, base: Trainer, schedule, cache: dict) -> Trainer:
   """The Trainer for the batch schedule's rung in effect (the base one for a fixed batch), built once per rung
   with its rescaled optimizer values logged (framework/batch_schedule.py)."""
@@ -113,8 +118,7 @@ def _rung_trainer(cfg, base: Trainer, schedule, cache: dict) -> Trainer:
     return base
   if rung not in cache:
     rung_cfg, changes = batch_schedule.rung_config(cfg, rung.batch_size)
-    for field, old, new, why in changes:
-      logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
+    _log_scaling(changes)
     cache[rung] = Trainer(rung_cfg, base.sharder, lr_schedule=batch_schedule.lr_in_examples(rung_cfg, cfg, rung))
   return cache[rung]
 
@@ -139,8 +143,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
   cfg = cfg.copy_and_resolve_references()
   if cfg.batch_schedule.mode == 'fixed':  # a schedule rescales each rung as it starts (_rung_trainer)
-    for field, old, new, why in scaling.apply(cfg):
-      logging.info('scaling: %s %.6g -> %.6g (%s)', field, old, new, why)
+    _log_scaling(scaling.apply(cfg))
   resume.check_workdir(workdir)
   train_data, heldout = data_lib.load_splits(cfg.data)
   for split in (train_data, heldout):

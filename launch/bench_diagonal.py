@@ -19,14 +19,16 @@ D_MODEL, HEADS, D_FF, MEMORY, BATCH = 128, 4, 512, 8, 2
 
 
 def _model_config(layers: int, seg: int, executor: str | None, memory: bool = True):
+  """The benchmark model's ModelConfig, from the config schema (the plain decoder when executor is None)."""
+  from framework import config as config_lib  # pylint: disable=g-import-not-at-top
   from framework.models.armt_config import ARMTConfig  # pylint: disable=g-import-not-at-top
   from framework.models.layers import ModelConfig  # pylint: disable=g-import-not-at-top
-  armt = None if executor is None else ARMTConfig(segment_len=seg, memory_tokens=MEMORY, d_mem=16,
-                                                  executor=executor, remat=False, memory=memory)
-  return ModelConfig(vocab_size=512, d_model=D_MODEL, n_layers=layers, n_heads=HEADS, n_kv_heads=HEADS,
-                     head_dim=D_MODEL // HEADS, d_ff=D_FF, max_seq_len=1 << 16, rope_theta=10000.0, norm_eps=1e-5,
-                     init_std=0.02, tie_embeddings=False, param_dtype='float32', dtype='float32',
-                     remat_policy='none', scan_unroll=0, attention_impl='xla', armt=armt)
+  cfg = config_lib.defaults()
+  cfg.model.update(vocab_size=512, d_model=D_MODEL, n_layers=layers, n_heads=HEADS, n_kv_heads=HEADS, d_ff=D_FF,
+                   max_seq_len=1 << 16, attention_impl='xla')
+  if executor is not None:
+    cfg.armt.update(segment_len=seg, memory_tokens=MEMORY, d_mem=16, executor=executor, memory=memory)
+  return ModelConfig.from_config(cfg.model, armt=ARMTConfig.from_config(cfg))
 
 
 def _fns(model, params, tokens):

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from framework.mesh import Sharder
 from framework.models.dense import dense
 from framework.models.layers import ModelConfig, RMSNorm, param
-from framework.models.transformer import _remat
+from framework.models.transformer import remat_block
 
 EPS = 1e-5
 
@@ -174,10 +174,10 @@ class ARMT(nn.Module):
         'wb': param(self, 'mem_wb', (c.n_layers, c.d_model), ('layers', 'embed'), c.init_std, c).astype(jnp.float32),
         'bb': param(self, 'mem_bb', (c.n_layers,), ('layers',), 0.0, c).astype(jnp.float32),
     }
-    block = _remat(c)(c, sh)
+    block = remat_block(c)(c, sh)
     length = seg + m
     if self.is_initializing():  # the layers' parameters, stacked [L, ...] under 'layers' as the dense model's
-      stacked = nn.vmap(_remat(c), variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=None,
+      stacked = nn.vmap(remat_block(c), variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=None,
                         axis_size=c.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
       dummy = jnp.zeros((1, length), jnp.int32)
       stacked(c, sh, name='layers')(jnp.zeros((1, length, c.d_model), c.dtype), dummy, dummy)

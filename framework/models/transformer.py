@@ -76,13 +76,13 @@ class MoEGroup(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids, extra_counts, slots, domains):
     c, sh = self.cfg, self.sharder
-    block = _remat(c)
+    block = remat_block(c)
     dense_layers = nn.scan(block, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True},
                            in_axes=(nn.broadcast, nn.broadcast), length=c.moe.every - 1,
                            unroll=scan_unroll(c, sh, c.moe.every - 1),
                            metadata_params={nn.PARTITION_NAME: 'layers'})
     x, _ = dense_layers(c, sh, name='dense')(x, positions, segment_ids)
-    moe_block = _remat(c, MoEBlock)(c, sh, name='moe_block')
+    moe_block = remat_block(c, MoEBlock)(c, sh, name='moe_block')
     return moe_block(x, positions, segment_ids, extra_counts, slots, domains)
 
 
@@ -90,7 +90,8 @@ class MoEBlock(Block):
   use_moe: bool = True
 
 
-def _remat(cfg: ModelConfig, block=Block):
+def remat_block(cfg: ModelConfig, block=Block):
+  """The decoder layer class under model.remat_policy (the dense stack, the MoE groups and ARMT's cells)."""
   if cfg.remat_policy == 'none':
     return block
   return nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -117,7 +118,7 @@ class Transformer(nn.Module):
     x = sh.constrain(jnp.take(table, tokens, axis=0), ('batch', 'seq', 'act_embed'))
 
     if c.moe is None:
-      layers = nn.scan(_remat(c), variable_axes={'params': 0}, split_rngs={'params': True},
+      layers = nn.scan(remat_block(c), variable_axes={'params': 0}, split_rngs={'params': True},
                        in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers, unroll=scan_unroll(c, sh, c.n_layers),
                        metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = layers(c, sh, name='layers')(x, positions, segment_ids)
@@ -142,7 +143,7 @@ class Transformer(nn.Module):
                  'slots': jnp.asarray(b * s * m.top_k, jnp.float32)}
     if domains is None:
       domains = jnp.zeros((b, s), jnp.int32)
-    group = MoEGroup if m.every > 1 else _remat(c, MoEBlock)
+    group = MoEGroup if m.every > 1 else remat_block(c, MoEBlock)
     layers = nn.scan(group, variable_axes={'params': 0, 'intermediates': 0}, split_rngs={'params': True},
                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast), length=n_groups,
                      unroll=scan_unroll(c, sh, n_groups), metadata_params={nn.PARTITION_NAME: 'layers'})
