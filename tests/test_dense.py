@@ -46,3 +46,28 @@ def test_out_dtype_and_16_bit_gradients_keep_their_dtypes():
 def test_mismatched_contraction_is_refused():
   with pytest.raises(ValueError, match='do not share 1 contracted dims'):
     dense(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+@pytest.mark.parametrize('stacked', ['ragged_dot', 'pallas'])
+@pytest.mark.parametrize('in_axes', [(0, 0), (0, None), (None, 0)])
+def test_stacked_vmap_rule_matches_the_per_cell_einsum(stacked, in_axes):
+  """vmap over cells with both x and w batched runs one grouped matmul (each cell's rows by its own weight);
+  any other vmap the plain contraction. Forward and both gradients against a per-cell einsum."""
+  cells = 3
+  x = _normal(0, (cells, 2, 5, 8) if in_axes[0] == 0 else (2, 5, 8))
+  w = _normal(1, (cells, 8, 2, 3) if in_axes[1] == 0 else (8, 2, 3))
+  dy = _normal(2, (cells, 2, 5, 2, 3))
+  f = jax.vmap(lambda a, b: dense(a, b, stacked=stacked), in_axes=in_axes)
+  g = jax.vmap(lambda a, b: jnp.einsum('bsd,dhk->bshk', a, b), in_axes=in_axes)
+  got, got_vjp = jax.vjp(f, x, w)
+  want, want_vjp = jax.vjp(g, x, w)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for name, a, b in zip(('dx', 'dw'), got_vjp(dy), want_vjp(dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  grouped = 'ragged_dot_general' if stacked == 'ragged_dot' else 'pallas_call'
+  assert (grouped in str(jax.make_jaxpr(lambda a, b: jax.vjp(f, a, b)[1](dy))(x, w))) == (in_axes == (0, 0))
+
+
+def test_unknown_stacked_impl_is_refused():
+  with pytest.raises(ValueError, match='stacked'):
+    dense(jnp.ones((2, 3)), jnp.ones((3, 4)), stacked='grouped')

@@ -19,8 +19,9 @@ init: the memory starts empty and training fills it).
 Cell (l, s) needs (l - 1, s)'s hidden states and (l, s - 1)'s memory, so the cells with l + s = t are independent.
 The sequential executor (the reference) runs segment after segment, each through the layers (lax.scan over both);
 the diagonal executor runs the L + S - 1 wavefronts t, each cell of a wavefront at once: the block and the
-memory maths vmapped over the stacked cells, so every weight matmul is one batched matmul over the cells' own
-layer weights (a grouped matmul with equal groups). The underfull first and last L - 1 wavefronts are unrolled
+memory maths vmapped over the stacked cells, so every weight matmul is one matmul over all the cells' rows with
+each cell's own layer weights: `armt.cell_matmul` picks a batched matmul or a grouped matmul (jax.lax.ragged_dot,
+or pallas_kernels.grouped_matmul with its kernel backward), through `dense`'s vmap rule (framework/models/dense.py). The underfull first and last L - 1 wavefronts are unrolled
 with exactly their cells (no padded work); the full ones in between run as one lax.scan.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 
 from framework.mesh import Sharder
 from framework.models.dense import dense
-from framework.models.layers import ModelConfig, RMSNorm, param
+from framework.models.layers import ModelConfig, RMSNorm, param, stacked_matmul
 from framework.models.transformer import remat_block
 
 EPS = 1e-5
@@ -46,17 +47,18 @@ def dpfp(x: jax.Array) -> jax.Array:
   return jnp.concatenate([u * jnp.roll(u, j, axis=-1) for j in (1, 2, 3)], axis=-1)
 
 
-def memory_read(x, wq, a, z, first):
-  """x [B, T, d] plus what the memory (a [B, d_key, d], z [B, d_key]) recalls for each row; x itself when first."""
-  q = dpfp(dense(x, wq))
+def memory_read(x, wq, a, z, first, stacked='batched'):
+  """x [B, T, d] plus what the memory (a [B, d_key, d], z [B, d_key]) recalls for each row; x itself when first.
+  `stacked`: `dense`'s, for the diagonal executor's vmap over cells."""
+  q = dpfp(dense(x, wq, stacked=stacked))
   recalled = jnp.einsum('btk,bkd->btd', q, a) / (jnp.einsum('btk,bk->bt', q, z) + EPS)[..., None]
   return jnp.where(first, x, x + recalled.astype(x.dtype))
 
 
-def memory_write(m, w, a, z, first):
+def memory_write(m, w, a, z, first, stacked='batched'):
   """The memory after writing the memory rows m [B, M, d] (see the module docstring)."""
-  k = dpfp(dense(m, w['wk']))
-  v = dense(m, w['wv']).astype(jnp.float32)
+  k = dpfp(dense(m, w['wk'], stacked=stacked))
+  v = dense(m, w['wv'], stacked=stacked).astype(jnp.float32)
   beta = jax.nn.sigmoid(jnp.einsum('bmd,d->bm', m.astype(jnp.float32), w['wb']) + w['bb'])
   kz = jnp.einsum('bmk,bk->bm', k, z) + EPS
   v_old = jnp.where(first, 0.0, jnp.einsum('bmk,bkd->bmd', k, a) / kz[..., None])
@@ -193,12 +195,14 @@ class ARMT(nn.Module):
     sids = jnp.broadcast_to(sids, (n_segments, b, length))
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
 
+    stacked = stacked_matmul(c, sh.platform)
+
     def cell(p, w, h, mem_a, mem_z, first, sid):
       if a.memory:
-        h = memory_read(h, w['wq'], mem_a, mem_z, first)
+        h = memory_read(h, w['wq'], mem_a, mem_z, first, stacked)
       h, _ = block.apply({'params': p}, h, positions, sid)
       if a.memory:
-        mem_a, mem_z = memory_write(h[:, seg:], w, mem_a, mem_z, first)
+        mem_a, mem_z = memory_write(h[:, seg:], w, mem_a, mem_z, first, stacked)
       return h, mem_a, mem_z
 
     fresh = state is None

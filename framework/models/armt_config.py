@@ -12,8 +12,10 @@ import ml_collections
 
 from framework.config_checks import Context, fail, one_of, positive
 from framework.models.attention import resolve_impl
+from framework.models.dense import STACKED_IMPLS
 
 EXECUTORS = ('sequential', 'diagonal')
+CELL_MATMULS = ('auto',) + STACKED_IMPLS
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -22,6 +24,8 @@ def defaults() -> ml_collections.ConfigDict:
       memory_tokens=8,       # M memory embeddings appended to every segment
       d_mem=32,              # width of the memory keys and queries before the DPFP feature map (d_key = 6 d_mem)
       executor='diagonal',   # sequential (segment after segment, layer after layer) | diagonal (L+S-1 wavefronts)
+      cell_matmul='auto',    # diagonal: each weight matmul over a wavefront's cells as auto | batched | ragged_dot |
+                             # pallas (auto: the pallas grouped matmul on GPU/TPU, the batched matmul on CPU)
       remat=False,           # recompute each segment (sequential) or wavefront (diagonal) in the backward pass
       memory=True,           # False: no memory reads or writes (the ablation: segments only see themselves)
   ))
@@ -33,6 +37,7 @@ class ARMTConfig:
   memory_tokens: int
   d_mem: int
   executor: str
+  cell_matmul: str
   remat: bool
   memory: bool
 
@@ -52,6 +57,7 @@ def validate(cfg, ctx: Context) -> None:
     return
   positive(a, 'armt', 'memory_tokens', 'd_mem')
   one_of('armt.executor', a.executor, EXECUTORS)
+  one_of('armt.cell_matmul', a.cell_matmul, CELL_MATMULS)
   if cfg.moe.num_experts:
     fail('armt.segment_len', 'the recurrent memory model is built on the dense decoder; set moe.num_experts=0')
   if resolve_impl(cfg.model.attention_impl, backend=ctx.backend) != 'xla':

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +50,16 @@ def param(module: nn.Module, name: str, shape: tuple[int, ...], names: tuple[str
   return module.param(name, init, shape, jnp.dtype(cfg.param_dtype)).astype(cfg.dtype)
 
 
+def stacked_matmul(cfg: ModelConfig, platform: str) -> str:
+  """What the weight matmuls become when the diagonal ARMT executor vmaps a layer over its cells, each cell with
+  its own layer's weights (`dense`'s `stacked`): armt.cell_matmul, 'auto' standing for the grouped-matmul kernel
+  on GPU and TPU and the batched matmul on CPU (where XLA lowers ragged_dot as every group on every row)."""
+  impl = cfg.armt.cell_matmul if cfg.armt is not None else 'batched'
+  if impl == 'auto':
+    return 'batched' if platform == 'cpu' else 'pallas'
+  return impl
+
+
 class RMSNorm(nn.Module):
   cfg: ModelConfig
 
@@ -92,6 +103,7 @@ class SwiGLU(nn.Module):
     w_up = param(self, 'wi_up', (c.d_model, d_ff), ('embed', 'mlp'), c.init_std, c)
     # GPT-2 style: residual-branch outputs start smaller so the stream's variance does not grow with depth.
     w_out = param(self, 'wo', (d_ff, c.d_model), ('mlp', 'embed'), c.init_std / (2 * c.n_layers) ** 0.5, c)
-    h = jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
+    mm = functools.partial(dense, stacked=stacked_matmul(c, self.sharder.platform))
+    h = jax.nn.silu(mm(x, w_gate)) * mm(x, w_up)
     h = self.sharder.constrain(h, ('batch', 'seq', 'mlp'))
-    return dense(h, w_out)
+    return mm(h, w_out)

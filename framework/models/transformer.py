@@ -6,6 +6,8 @@ layers one loop iteration runs; the parameters stay stacked whatever it is, so c
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from framework.mesh import Sharder
 from framework.models import attention as attention_lib
 from framework.models import moe as moe_lib
 from framework.models.dense import dense
-from framework.models.layers import ModelConfig, RMSNorm, SwiGLU, param, rope
+from framework.models.layers import ModelConfig, RMSNorm, SwiGLU, param, rope, stacked_matmul
 from framework.models.moe import MoE
 
 REMAT_POLICIES = {
@@ -38,13 +40,14 @@ class Attention(nn.Module):
                c.init_std, c)
     wo = param(self, 'wo', (c.n_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
                c.init_std / (2 * c.n_layers) ** 0.5, c)
-    q = sh.constrain(dense(x, wq), attention_lib.ACT_NAMES)
-    k = sh.constrain(dense(x, wk), attention_lib.KV_NAMES)
-    v = sh.constrain(dense(x, wv), attention_lib.KV_NAMES)
+    mm = functools.partial(dense, stacked=stacked_matmul(c, sh.platform))
+    q = sh.constrain(mm(x, wq), attention_lib.ACT_NAMES)
+    k = sh.constrain(mm(x, wk), attention_lib.KV_NAMES)
+    v = sh.constrain(mm(x, wv), attention_lib.KV_NAMES)
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     out = attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=c.attention_impl, sharder=sh)
     out = sh.constrain(out, attention_lib.ACT_NAMES)
-    return dense(out, wo, n_in=2)
+    return mm(out, wo, n_in=2)
 
 
 class Block(nn.Module):
