@@ -11,6 +11,7 @@ import ml_collections
 from framework import batch_schedule, checkpoint, corpus, mesh, metrics, noise_scale, optim, scaling, train
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
+from framework.inference import config as inference_config
 from framework.models import armt_config, moe_config
 
 # Section name -> the module holding its `defaults()` and `validate(cfg, ctx)`. The mesh section is first: the
@@ -28,6 +29,7 @@ SECTIONS = (
     ('batch_schedule', batch_schedule),
     ('checkpoint', checkpoint),
     ('metrics', metrics),
+    ('inference', inference_config),
 )
 MAX_SEED = 2**31 - 1  # jax.random.key and the data order take 32-bit seeds
 

@@ -139,6 +139,30 @@ def test_shared_prefix_matches_reference(platform, batch, t, heads, kv_heads,
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("length", [0, 1, 13, 40])
+def test_shared_prefix_length_ignores_the_rest(platform, length):
+  """A prefix read from fixed-size pages: entries past prefix_length (NaN
+  here) are ignored; the result equals the reference on the sliced prefix."""
+  q = _random(0, (3, 1, 4, 16), jnp.float32)
+  pk = np.asarray(_random(1, (40, 2, 16), jnp.float32)).copy()
+  pv = np.asarray(_random(2, (40, 2, 16), jnp.float32)).copy()
+  pk[length:], pv[length:] = np.nan, np.inf
+  out, lse = shared_prefix_attention(
+      q, jnp.asarray(pk), jnp.asarray(pv), prefix_length=jnp.int32(length),
+      block_sizes=SMALL, interpret=True, platform=platform)
+  if length == 0:
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+    assert np.all(np.isneginf(np.asarray(lse)))
+    return
+  ref_out, ref_lse = shared_prefix_attention_reference(
+      q, jnp.asarray(pk[:length]), jnp.asarray(pv[:length]))
+  _assert_close(out, lse, ref_out, ref_lse, jnp.float32)
+  masked = reference.shared_prefix_attention_reference(
+      q, jnp.asarray(pk), jnp.asarray(pv), prefix_length=length)
+  _assert_close(*masked, ref_out, ref_lse, jnp.float32)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_prefix_plus_suffix_equals_full_attention(platform, dtype):
   """Hydragen: combine(prefix part, own-suffix part) == attention over both."""

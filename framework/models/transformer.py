@@ -6,8 +6,6 @@ layers one loop iteration runs; the parameters stay stacked whatever it is, so c
 """
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,27 +25,40 @@ REMAT_POLICIES = {
 
 
 class Attention(nn.Module):
+  """Grouped-query self-attention. `qkv` and `out` are its two halves around the attention itself, so the
+  inference engine (framework/inference/forward.py) runs the same projections against its paged KV cache."""
   cfg: ModelConfig
   sharder: Sharder
 
-  @nn.compact
-  def __call__(self, x, positions, segment_ids):
+  def setup(self):
+    c = self.cfg
+    self.wq = param(self, 'wq', (c.d_model, c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'), c.init_std, c)
+    self.wk = param(self, 'wk', (c.d_model, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'),
+                    c.init_std, c)
+    self.wv = param(self, 'wv', (c.d_model, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'),
+                    c.init_std, c)
+    self.wo = param(self, 'wo', (c.n_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
+                    c.init_std / (2 * c.n_layers) ** 0.5, c)
+
+  def _mm(self, x, w, n_in=1):
+    return dense(x, w, n_in=n_in, stacked=stacked_matmul(self.cfg, self.sharder.platform))
+
+  def qkv(self, x, positions):
+    """x [b, s, d] -> rotated q [b, s, heads, hd] and k, v [b, s, kv_heads, hd]."""
     c, sh = self.cfg, self.sharder
-    wq = param(self, 'wq', (c.d_model, c.n_heads, c.head_dim), ('embed', 'heads', 'head_dim'), c.init_std, c)
-    wk = param(self, 'wk', (c.d_model, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'),
-               c.init_std, c)
-    wv = param(self, 'wv', (c.d_model, c.n_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'),
-               c.init_std, c)
-    wo = param(self, 'wo', (c.n_heads, c.head_dim, c.d_model), ('heads', 'head_dim', 'embed'),
-               c.init_std / (2 * c.n_layers) ** 0.5, c)
-    mm = functools.partial(dense, stacked=stacked_matmul(c, sh.platform))
-    q = sh.constrain(mm(x, wq), attention_lib.ACT_NAMES)
-    k = sh.constrain(mm(x, wk), attention_lib.KV_NAMES)
-    v = sh.constrain(mm(x, wv), attention_lib.KV_NAMES)
-    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-    out = attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=c.attention_impl, sharder=sh)
-    out = sh.constrain(out, attention_lib.ACT_NAMES)
-    return mm(out, wo, n_in=2)
+    q = sh.constrain(self._mm(x, self.wq), attention_lib.ACT_NAMES)
+    k = sh.constrain(self._mm(x, self.wk), attention_lib.KV_NAMES)
+    v = sh.constrain(self._mm(x, self.wv), attention_lib.KV_NAMES)
+    return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+  def out(self, o):
+    """The attention output [b, s, heads, hd] -> [b, s, d]."""
+    return self._mm(self.sharder.constrain(o, attention_lib.ACT_NAMES), self.wo, n_in=2)
+
+  def __call__(self, x, positions, segment_ids):
+    q, k, v = self.qkv(x, positions)
+    c, sh = self.cfg, self.sharder
+    return self.out(attention_lib.attention(q, k, v, segment_ids=segment_ids, impl=c.attention_impl, sharder=sh))
 
 
 class Block(nn.Module):

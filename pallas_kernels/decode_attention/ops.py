@@ -91,8 +91,8 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "block_sizes", "interpret", "platform"))
-def _prefix(q, prefix_k, prefix_v, *, sm_scale, block_sizes, interpret,
-            platform):
+def _prefix(q, prefix_k, prefix_v, prefix_length, *, sm_scale, block_sizes,
+            interpret, platform):
   batch, t, heads, d = q.shape
   prefix_len, kv_heads, _ = prefix_k.shape
   group = heads // kv_heads
@@ -100,7 +100,8 @@ def _prefix(q, prefix_k, prefix_v, *, sm_scale, block_sizes, interpret,
   # is read once per row block and the work is matrix-matrix.
   rows = q.reshape(batch, t, kv_heads, group, d).transpose(2, 0, 1, 3, 4)
   rows = rows.reshape(1, kv_heads, batch * t * group, d)
-  kv_lens = jnp.full((1,), prefix_len, jnp.int32)
+  kv_lens = jnp.clip(jnp.reshape(prefix_length, (1,)).astype(jnp.int32), 0,
+                     prefix_len)
   out, lse = _ATTEND[platform](
       rows, prefix_k[None], prefix_v[None], kv_lens, num_new=1, group=group,
       sm_scale=sm_scale, block_sizes=block_sizes, interpret=interpret)
@@ -112,6 +113,7 @@ def _prefix(q, prefix_k, prefix_v, *, sm_scale, block_sizes, interpret,
 
 def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
                             prefix_v: jax.Array, *,
+                            prefix_length: jax.Array | int | None = None,
                             sm_scale: float | None = None,
                             block_sizes: DecodeBlockSizes | None = None,
                             interpret: Any = None,
@@ -130,6 +132,10 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
     q: [batch, T, heads, head_dim].
     prefix_k: [prefix_len, kv_heads, head_dim], shared by the batch.
     prefix_v: same shape as prefix_k.
+    prefix_length: int32 scalar (traced or not): only the first
+      prefix_length entries are the prefix, the rest is ignored whatever it
+      holds (a prefix read from fixed-size cache pages); default prefix_len.
+      Clamped to [0, prefix_len]; 0 gives out 0 and lse -inf.
     sm_scale: softmax scale; default 1 / sqrt(head_dim).
     block_sizes: tiling (block_rows sets the stacked rows per program).
     interpret: None = interpreter on CPU, compiled on GPU / TPU.
@@ -142,7 +148,7 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
   Raises:
     ValueError: on bad shapes, dtypes or options, before anything compiles.
   """
-  validation.check_prefix(q, prefix_k, prefix_v)
+  validation.check_prefix(q, prefix_k, prefix_v, prefix_length)
   validation.check_common(sm_scale, block_sizes)
   platform_lib.check(interpret, platform)
   if prefix_k.shape[0] == 0:
@@ -152,6 +158,9 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array,
                    else sm_scale)
   variant = functools.partial(_prefix, sm_scale=sm_scale,
                               block_sizes=block_sizes or DecodeBlockSizes())
+  if prefix_length is None:
+    prefix_length = prefix_k.shape[0]
+  prefix_length = jnp.asarray(prefix_length, jnp.int32)
   return platform_lib.dispatch(
-      variant, (q, prefix_k, prefix_v), interpret=interpret,
+      variant, (q, prefix_k, prefix_v, prefix_length), interpret=interpret,
       platform=platform, anchors=(q, prefix_k))

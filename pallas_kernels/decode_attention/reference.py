@@ -62,9 +62,11 @@ def decode_attention_reference(q: jax.Array, k_cache: jax.Array,
 
 def shared_prefix_attention_reference(q: jax.Array, prefix_k: jax.Array,
                                       prefix_v: jax.Array, *,
+                                      prefix_length=None,
                                       sm_scale: float | None = None
                                       ) -> tuple[jax.Array, jax.Array]:
-  """Reference for `shared_prefix_attention`: every query sees the prefix."""
+  """Reference for `shared_prefix_attention`: every query sees the first
+  prefix_length (default: all) prefix entries."""
   batch, t, heads, d = q.shape
   kv_heads = prefix_k.shape[1]
   group = heads // kv_heads
@@ -72,8 +74,12 @@ def shared_prefix_attention_reference(q: jax.Array, prefix_k: jax.Array,
   qg = q.reshape(batch, t, kv_heads, group, d)
   scores = jnp.einsum("btkgd,skd->bkgts", qg, prefix_k,
                       preferred_element_type=jnp.float32) * sm_scale
-  weights, lse = _softmax_with_lse(scores, jnp.ones(scores.shape[-1:], bool))
-  out = jnp.einsum("bkgts,skd->btkgd", weights.astype(prefix_v.dtype),
-                   prefix_v, preferred_element_type=jnp.float32)
+  size = prefix_k.shape[0]
+  length = size if prefix_length is None else jnp.clip(prefix_length, 0, size)
+  visible = jnp.arange(size) < length
+  weights, lse = _softmax_with_lse(scores, visible)
+  v = jnp.where(visible[:, None, None], prefix_v, jnp.zeros((), prefix_v.dtype))
+  out = jnp.einsum("bkgts,skd->btkgd", weights.astype(v.dtype),
+                   v, preferred_element_type=jnp.float32)
   return (out.reshape(batch, t, heads, d).astype(q.dtype),
           lse.transpose(0, 3, 1, 2).reshape(batch, t, heads))

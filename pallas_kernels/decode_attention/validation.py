@@ -1,6 +1,8 @@
 """Up-front argument checks: each bad input is one ValueError naming the fix."""
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from pallas_kernels import validation
 from pallas_kernels.decode_attention.block_sizes import DecodeBlockSizes
 
@@ -55,7 +57,7 @@ def check_decode(q, k_cache, v_cache, lengths) -> None:
                               "valid cache entries per sequence", size=batch)
 
 
-def check_prefix(q, prefix_k, prefix_v) -> None:
+def check_prefix(q, prefix_k, prefix_v, prefix_length=None) -> None:
   """Validates shared_prefix_attention's arrays."""
   _check_attention_arrays(q, prefix_k, prefix_v, k_name="prefix_k",
                           v_name="prefix_v", kv_rank=3,
@@ -65,3 +67,10 @@ def check_prefix(q, prefix_k, prefix_v) -> None:
                           cast_to="prefix")
   if min(q.shape) < 1:
     raise ValueError(f"q dims must be >= 1, got shape {q.shape}.")
+  if prefix_length is not None:
+    shape = getattr(prefix_length, "shape", ())
+    dtype = getattr(prefix_length, "dtype", None)
+    if shape != () or (dtype is not None and not jnp.issubdtype(dtype, jnp.integer)):
+      raise ValueError(
+          f"prefix_length must be an integer scalar, got shape {shape} and "
+          f"dtype {dtype}.")

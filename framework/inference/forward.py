@@ -1,0 +1,202 @@
+"""One jitted engine step: the decoder over a mixed batch of decode tokens and prefill chunks, against the paged
+KV cache, followed by sampling.
+
+The batch has fixed shapes: `slots` decode rows of one token each and (in a mixed step) `prefill_rows` rows of
+`prefill_chunk` prompt tokens, right-aligned (a short chunk is padded on the left; its padding writes to the
+scratch page and its queries see nothing). All rows' tokens go through the projections and feed-forward layers
+as one matrix (Sarathi-Serve's piggybacking: decodes ride along with the prefill's matmuls); only attention is
+per row. Each layer first writes the new tokens' K and V into their pages, then every row attends over its own
+pages up to its length (`decode_attention`'s semantics: query t of a row of T new tokens sees the positions
+before lengths - T + t + 1).
+
+Shared prefixes (Hydragen): a decode row in prefix group g attends to its own pages after the prefix (its
+suffix table) and, separately, every decode query attends to each group's prefix pages in one matrix-matrix
+pass (`shared_prefix_attention`, the prefix read once per step for the whole group); the parts are merged
+exactly by their log-sum-exps. The attention's page-table width is whatever the caller's arrays have, so the
+engine buckets widths (powers of two) and each bucket compiles once.
+
+The layers are the training model's own modules (framework/models/transformer.py), applied to the stacked
+parameters one layer at a time: the same projections, RoPE, norms, SwiGLU and MoE as training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from framework.inference import sampling
+from framework.inference.kv_cache import KVCache
+from framework.models.dense import dense
+from framework.models.layers import ModelConfig, RMSNorm, SwiGLU
+from framework.models.moe import MoE
+from framework.models.transformer import Attention, scan_unroll
+from pallas_kernels.decode_attention import combine as combine_lib
+from pallas_kernels.decode_attention import reference as attention_reference
+
+
+def resolve_attention(impl: str, platform: str) -> str:
+  """'auto': the Pallas decode kernels where they compile (GPU, TPU), the jnp reference on CPU (where Pallas
+  runs only in its interpreter)."""
+  if impl == 'auto':
+    return 'xla' if platform == 'cpu' else 'pallas'
+  return impl
+
+
+def inference_model_config(model_cfg: ModelConfig) -> ModelConfig:
+  """MoE layers serve dropless: a capacity limit would drop a token depending on which other requests share
+  the step, so one request could change another's output."""
+  if model_cfg.moe is None or model_cfg.moe.dispatch == 'dropless':
+    return model_cfg
+  return dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, dispatch='dropless'))
+
+
+class Attend:
+  """Paged attention for the rows of one step (K and V of the layer already hold the new tokens)."""
+
+  def __init__(self, impl: str, sharder):
+    self.impl, self.sharder = impl, sharder
+
+  def _kernels(self):
+    if self.impl == 'xla':
+      return attention_reference.decode_attention_reference, attention_reference.shared_prefix_attention_reference
+    import pallas_kernels  # pylint: disable=g-import-not-at-top  (kernels load only when asked for)
+    decode, prefix = pallas_kernels.decode_attention, pallas_kernels.shared_prefix_attention
+    sh = self.sharder
+    if sh is None or sh.mesh is None:
+      return decode, prefix
+    # A pallas_call is opaque to GSPMD: run it per tensor-parallel shard of the heads.
+    q_spec, kv_spec = sh.spec((None, None, 'heads', None)), sh.spec((None, None, 'kv_heads', None))
+    lse_spec = sh.spec((None, None, 'heads'))
+    rep = sh.spec((None,))
+    decode_sharded = jax.shard_map(decode, mesh=sh.mesh, in_specs=(q_spec, kv_spec, kv_spec, rep),
+                                   out_specs=(q_spec, lse_spec), check_vma=False)
+    prefix_spec = sh.spec((None, 'kv_heads', None))
+    prefix_sharded = jax.shard_map(lambda q, k, v, n: prefix(q, k, v, prefix_length=n), mesh=sh.mesh,
+                                   in_specs=(q_spec, prefix_spec, prefix_spec, sh.spec(())),
+                                   out_specs=(q_spec, lse_spec), check_vma=False)
+    return decode_sharded, lambda q, k, v, prefix_length: prefix_sharded(q, k, v, prefix_length)
+
+  def rows(self, q, k_layer, v_layer, table, lengths):
+    """q [R, T, H, D] over pages table [R, W] of the layer's [P, page, kv, D] K and V."""
+    decode, _ = self._kernels()
+    r, w = table.shape
+    page = k_layer.shape[1]
+    k = k_layer[table].reshape(r, w * page, *k_layer.shape[2:])
+    v = v_layer[table].reshape(r, w * page, *v_layer.shape[2:])
+    return decode(q, k, v, lengths)
+
+  def prefixes(self, q, k_layer, v_layer, tables, lengths, groups):
+    """Each of G prefixes (pages tables [G, W], lengths [G]) against every query of q [R, 1, H, D]; the result
+    counts for the rows whose `groups` entry is g and is empty (lse -inf) for the others."""
+    _, prefix = self._kernels()
+    g_count, w = tables.shape
+    page = k_layer.shape[1]
+    k = k_layer[tables].reshape(g_count, w * page, *k_layer.shape[2:])
+    v = v_layer[tables].reshape(g_count, w * page, *v_layer.shape[2:])
+    parts = []
+    for g in range(g_count):
+      out, lse = prefix(q, k[g], v[g], prefix_length=lengths[g])
+      parts.append((out, jnp.where((groups == g)[:, None, None], lse, -jnp.inf)))
+    return parts
+
+
+def make_step(model_cfg: ModelConfig, sharder, attention_impl: str, param_shardings, cache_sharding):
+  """The jitted step `(params, cache, batch) -> (cache, tokens [rows], logprobs [rows])`; the cache is donated.
+
+  batch (host-built, see framework/inference/engine.py): 'dec' {tokens, positions, table, lengths, write_page,
+  write_offset} [S, ...]; optional 'pre' {tokens, positions, write_page, write_offset [R, C], table [R, W],
+  lengths [R]}; optional 'prefix' {table [G, W], lengths [G], groups [S]}; 'sample' {temperature, top_k, top_p,
+  seeds, counters} [S + R]. Output row r < S is decode row r, row S + j is prefill row j's last token.
+  """
+  cfg = inference_model_config(model_cfg)
+  attend = Attend(resolve_attention(attention_impl, sharder.platform), sharder)
+  fn = functools.partial(_step, cfg, sharder, attend)
+  return jax.jit(fn, in_shardings=(param_shardings, cache_sharding, None),
+                 out_shardings=(cache_sharding, None, None), donate_argnums=(1,))
+
+
+def _step(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
+  dec, pre, prefix = batch['dec'], batch.get('pre'), batch.get('prefix')
+  s = dec['tokens'].shape[0]
+  flat = lambda name: jnp.concatenate([dec[name]] + ([pre[name].reshape(-1)] if pre is not None else []))
+  tokens, positions = flat('tokens'), flat('positions')
+  write_page, write_offset = flat('write_page'), flat('write_offset')
+  table = sh.constrain(params['embedding'], (None, 'act_embed'))
+  x = jnp.take(table, tokens, axis=0)[None]  # [1, N, d]: every token of the step as one sequence
+  positions = positions[None]
+
+  def attention(q, k, v, kv, layer):
+    k_all = kv.k.at[layer, write_page, write_offset].set(k[0].astype(kv.k.dtype))
+    v_all = kv.v.at[layer, write_page, write_offset].set(v[0].astype(kv.v.dtype))
+    k_layer, v_layer = k_all[layer], v_all[layer]
+    h, d = q.shape[2:]
+    q_dec = q[0, :s, None]  # [S, 1, H, D]
+    parts = [attend.rows(q_dec, k_layer, v_layer, dec['table'], dec['lengths'])]
+    if prefix is not None:
+      parts += attend.prefixes(q_dec, k_layer, v_layer, prefix['table'], prefix['lengths'], prefix['groups'])
+    out = parts[0][0] if len(parts) == 1 else combine_lib.combine_attention(parts)[0]
+    outs = [out.reshape(s, h, d)]
+    if pre is not None:
+      q_pre = q[0, s:].reshape(*pre['tokens'].shape, h, d)
+      outs.append(attend.rows(q_pre, k_layer, v_layer, pre['table'], pre['lengths'])[0].reshape(-1, h, d))
+    return jnp.concatenate(outs)[None], KVCache(k_all, v_all)
+
+  def block(p, x, kv, layer, use_moe):
+    h = RMSNorm(cfg).apply({'params': p['attn_norm']}, x)
+    attn = Attention(cfg, sh)
+    q, k, v = attn.apply({'params': p['attn']}, h, positions, method=Attention.qkv)
+    o, kv = attention(q, k, v, kv, layer)
+    x = x + attn.apply({'params': p['attn']}, o, method=Attention.out)
+    h = RMSNorm(cfg).apply({'params': p['mlp_norm']}, x)
+    if use_moe:
+      e = cfg.moe.num_experts
+      y, _ = MoE(cfg, sh).apply({'params': p['moe']}, h, jnp.zeros((e,), jnp.float32), jnp.float32(1.0))
+    else:
+      y = SwiGLU(cfg, sh).apply({'params': p['mlp']}, h)
+    return x + y.astype(x.dtype), kv
+
+  x, cache = _layers(cfg, sh, params['layers'], x, cache, block)
+  last = [x[0, :s]]
+  if pre is not None:
+    r, c = pre['tokens'].shape
+    last.append(x[0, s:].reshape(r, c, -1)[:, -1])
+  h = RMSNorm(cfg).apply({'params': params['final_norm']}, jnp.concatenate(last)[None])
+  head = params['embedding'].T if cfg.tie_embeddings else params['head']
+  logits = dense(h, head.astype(h.dtype), out_dtype=jnp.float32)[0]
+  smp = batch['sample']
+  tokens, logprobs = sampling.sample(logits, smp['temperature'], smp['top_k'], smp['top_p'], smp['seeds'],
+                                     smp['counters'])
+  return cache, tokens, logprobs
+
+
+def _layers(cfg: ModelConfig, sh, layer_params, x, cache: KVCache, block):
+  """The stacked layers in order (dense, every-layer MoE, or groups of `moe.every` with one MoE last)."""
+  m = cfg.moe
+  if m is None or m.every == 1:
+    use_moe = m is not None
+
+    def body(carry, p):
+      x, kv, layer = carry
+      x, kv = block(p, x, kv, layer, use_moe)
+      return (x, kv, layer + 1), None
+
+    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), layer_params,
+                                    unroll=scan_unroll(cfg, sh, cfg.n_layers))
+    return x, cache
+
+  def group(carry, p):
+    x, kv, layer = carry
+
+    def dense_body(inner, pd):
+      x, kv, layer = inner
+      x, kv = block(pd, x, kv, layer, False)
+      return (x, kv, layer + 1), None
+
+    (x, kv, layer), _ = jax.lax.scan(dense_body, (x, kv, layer), p['dense'])
+    x, kv = block(p['moe_block'], x, kv, layer, True)
+    return (x, kv, layer + 1), None
+
+  (x, cache, _), _ = jax.lax.scan(group, (x, cache, jnp.int32(0)), layer_params)
+  return x, cache

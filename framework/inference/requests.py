@@ -1,0 +1,111 @@
+"""What goes into the engine and what comes out: requests, streamed events, results, and the text codecs.
+
+A request is checked on arrival; a bad one (empty prompt, too long for the context, ids outside the vocabulary,
+a bad sampling field) becomes an error result naming the field, and the other requests carry on.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+from framework.inference.sampling import SamplingParams
+from framework.tokenizer import ByteTokenizer
+
+
+class Codec(Protocol):
+  eos_id: int | None
+  vocab_size: int
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids) -> str: ...
+
+
+class ByteCodec:
+  """The byte tokenizer batchax models train on: a prompt is BOS + its UTF-8 bytes (no EOS: the model goes on)."""
+
+  def __init__(self):
+    self._tok = ByteTokenizer()
+    self.eos_id, self.vocab_size = ByteTokenizer.EOS_ID, ByteTokenizer.vocab_size
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_bos=True, add_eos=False).tolist()
+
+  def decode(self, ids) -> str:
+    return self._tok.decode(ids)
+
+
+@dataclasses.dataclass
+class Request:
+  """`prompt` (text) or `tokens` (ids); `id` defaults to the request's index in its batch."""
+  prompt: str | None = None
+  tokens: list[int] | None = None
+  id: str | None = None
+  sampling: SamplingParams | None = None
+
+
+@dataclasses.dataclass
+class Event:
+  """One step of one request: a new token (with its text delta and logprob), and/or its end."""
+  index: int
+  id: str
+  token: int | None = None
+  text: str = ''
+  logprob: float | None = None
+  finished: bool = False
+  finish_reason: str | None = None  # 'stop' (EOS or a stop string) | 'length' | 'error'
+  error: str | None = None
+
+
+@dataclasses.dataclass
+class Result:
+  index: int
+  id: str
+  text: str = ''
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  error: str | None = None
+  logprobs: list[float] | None = None
+  prompt_tokens: int = 0
+  time_to_first_token: float | None = None  # seconds from arrival
+  time_between_tokens: list[float] = dataclasses.field(default_factory=list)
+  latency: float | None = None  # seconds from arrival to the last token
+  preemptions: int = 0
+
+  def to_json(self) -> dict[str, Any]:
+    out = {'id': self.id, 'text': self.text, 'tokens': self.tokens, 'finish_reason': self.finish_reason,
+           'prompt_tokens': self.prompt_tokens, 'time_to_first_token': self.time_to_first_token,
+           'latency': self.latency, 'preemptions': self.preemptions}
+    if self.error is not None:
+      out['error'] = self.error
+    if self.logprobs is not None:
+      out['logprobs'] = self.logprobs
+    return out
+
+
+def prompt_ids(request: Request, codec: Codec, vocab_size: int, max_seq_len: int) -> list[int]:
+  """The request's prompt as ids; raises ValueError naming the field."""
+  if request.prompt is not None and request.tokens is not None:
+    raise ValueError('prompt, tokens: give one of them, not both')
+  if request.tokens is not None:
+    ids = request.tokens
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+      raise ValueError('tokens: must be a list of integer token ids')
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f'tokens: ids {bad[:5]} are outside the vocabulary [0, {vocab_size})')
+    ids = list(ids)
+  elif request.prompt is not None:
+    if not isinstance(request.prompt, str):
+      raise ValueError(f'prompt: must be a string, got {type(request.prompt).__name__}')
+    if not request.prompt:
+      raise ValueError('prompt: is empty; give at least one character')
+    ids = codec.encode(request.prompt)
+  else:
+    raise ValueError('prompt: missing; give a prompt (text) or tokens (ids)')
+  if not ids:
+    raise ValueError('tokens: is empty; give at least one token')
+  if len(ids) >= max_seq_len:
+    raise ValueError(f'prompt: {len(ids)} tokens leave no room to generate in the model\'s context of '
+                     f'{max_seq_len} (model.max_seq_len); shorten the prompt to at most {max_seq_len - 1} tokens')
+  return ids
