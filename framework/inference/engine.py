@@ -67,8 +67,7 @@ class Engine:
         _param_shardings(cfg, self.sharder)
     self.params = jax.device_put(params, self.param_shardings)
     self.cache = kv_cache.init_cache(self.model_cfg, num_pages, self.page_size, cache_sharding)
-    self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl,
-                                      self.param_shardings, cache_sharding)
+    self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
     self.scheduler = Scheduler(self.icfg, self.pool, inference_config.token_budget(cfg), self.max_pages)
     self.steps = 0
     self.tokens_generated = 0
@@ -240,7 +239,11 @@ class Engine:
       dec['lengths'][i] = pos + 1 - skipped * ps
       rows[i] = seq.pages[skipped:self.scheduler.pages_needed(pos + 1)]
       group_of[i] = g
-    dec['table'] = _table(rows, bucket(max(map(len, rows)), self.max_pages))
+    prefix_rows = [members[0].pages[:pages] for members, pages in groups]
+    pre_rows = [seq.pages[:self.scheduler.pages_needed(seq.computed + n)] for seq, n in chunks]
+    # One page-table width for every part of the step (and a fixed group count): fewer shapes to compile.
+    width = bucket(max(map(len, rows + prefix_rows + pre_rows)), self.max_pages)
+    dec['table'] = _table(rows, width)
     samples = [None] * s
     if chunks:
       samples += [seq for seq, _ in chunks] + [None] * (self.icfg.prefill_rows - len(chunks))
@@ -248,15 +251,15 @@ class Engine:
       samples[seq.slot] = seq
     batch = {'dec': dec, 'sample': self._sampling(samples)}
     if groups:
-      prefix_rows = [members[0].pages[:pages] for members, pages in groups]
-      batch['prefix'] = dict(table=_table(prefix_rows, bucket(max(map(len, prefix_rows)), self.max_pages)),
-                             lengths=np.asarray([pages * ps for _, pages in groups], np.int32), groups=group_of)
+      unused = self.icfg.prefix_groups - len(groups)
+      lengths = [pages * ps for _, pages in groups] + [0] * unused
+      batch['prefix'] = dict(table=_table(prefix_rows + [[]] * unused, width),
+                             lengths=np.asarray(lengths, np.int32), groups=group_of)
     if chunks:
       r, c = self.icfg.prefill_rows, self.icfg.prefill_chunk
       pre = dict(tokens=np.zeros((r, c), np.int32), positions=np.zeros((r, c), np.int32),
                  write_page=np.zeros((r, c), np.int32), write_offset=np.zeros((r, c), np.int32),
                  lengths=np.zeros(r, np.int32))
-      pre_rows = [[] for _ in range(r)]
       for j, (seq, n) in enumerate(chunks):
         pos = np.arange(seq.computed, seq.computed + n)
         pre['tokens'][j, c - n:] = seq.tokens[seq.computed:seq.computed + n]
@@ -264,8 +267,7 @@ class Engine:
         pre['write_page'][j, c - n:] = np.asarray(seq.pages)[pos // ps]
         pre['write_offset'][j, c - n:] = pos % ps
         pre['lengths'][j] = seq.computed + n
-        pre_rows[j] = seq.pages[:self.scheduler.pages_needed(seq.computed + n)]
-      pre['table'] = _table(pre_rows, bucket(max(map(len, pre_rows)), self.max_pages))
+      pre['table'] = _table(pre_rows + [[]] * (r - len(chunks)), width)
       batch['pre'] = pre
     return batch
 

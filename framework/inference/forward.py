@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from framework.inference import sampling
-from framework.inference.kv_cache import KVCache
+from framework.inference.kv_cache import KVCache, cache_names
 from framework.models.dense import dense
 from framework.models.layers import ModelConfig, RMSNorm, SwiGLU
 from framework.models.moe import MoE
@@ -98,12 +98,17 @@ class Attend:
     parts = []
     for g in range(g_count):
       out, lse = prefix(q, k[g], v[g], prefix_length=lengths[g])
-      parts.append((out, jnp.where((groups == g)[:, None, None], lse, -jnp.inf)))
+      # Rows outside the group (and an unused group of length 0, whose output is undefined) contribute nothing.
+      mine = (groups == g)[:, None, None]
+      parts.append((jnp.where(mine[..., None], out, 0), jnp.where(mine, lse, -jnp.inf)))
     return parts
 
 
-def make_step(model_cfg: ModelConfig, sharder, attention_impl: str, param_shardings, cache_sharding):
+@functools.lru_cache(maxsize=32)
+def make_step(model_cfg: ModelConfig, sharder, attention_impl: str):
   """The jitted step `(params, cache, batch) -> (cache, tokens [rows], logprobs [rows])`; the cache is donated.
+  One per (model, mesh, attention), shared by every engine that serves them, so a new engine compiles nothing
+  an earlier one already did. Parameters come placed on `sharder`'s mesh; the step keeps their layout.
 
   batch (host-built, see framework/inference/engine.py): 'dec' {tokens, positions, table, lengths, write_page,
   write_offset} [S, ...]; optional 'pre' {tokens, positions, write_page, write_offset [R, C], table [R, W],
@@ -113,8 +118,8 @@ def make_step(model_cfg: ModelConfig, sharder, attention_impl: str, param_shardi
   cfg = inference_model_config(model_cfg)
   attend = Attend(resolve_attention(attention_impl, sharder.platform), sharder)
   fn = functools.partial(_step, cfg, sharder, attend)
-  return jax.jit(fn, in_shardings=(param_shardings, cache_sharding, None),
-                 out_shardings=(cache_sharding, None, None), donate_argnums=(1,))
+  cache_sharding = sharder.sharding(cache_names())
+  return jax.jit(fn, out_shardings=(cache_sharding, None, None), donate_argnums=(1,))
 
 
 def _step(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
