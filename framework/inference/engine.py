@@ -18,14 +18,12 @@ import numpy as np
 
 from framework import mesh as mesh_lib
 from framework.inference import config as inference_config
-from framework.inference import forward, kv_cache
+from framework.inference import forward, kv_cache, loading
+from framework.inference.loading import model_config
 from framework.inference.requests import ByteCodec, Codec, Event, Request, Result, prompt_ids
 from framework.inference.sampling import SamplingParams
 from framework.inference.scheduler import Scheduler, Sequence, now, offline_order
 from framework.mesh import Sharder
-from framework.models.armt_config import ARMTConfig
-from framework.models.layers import ModelConfig
-from framework.models.moe_config import MoEConfig
 
 
 def serving_sharder(cfg, devices=None) -> Sharder:
@@ -34,13 +32,6 @@ def serving_sharder(cfg, devices=None) -> Sharder:
   base = mesh_lib.make_sharder(cfg, devices)
   rules = tuple((name, None if name in ('batch', 'seq') else axes) for name, axes in base.rules)
   return Sharder(base.mesh, rules)
-
-
-def model_config(cfg) -> ModelConfig:
-  if ARMTConfig.from_config(cfg) is not None:
-    raise ValueError('config armt: the inference engine serves the dense and MoE decoders; the recurrent-memory '
-                     'model (armt.memory_tokens > 0) is not supported by it yet')
-  return ModelConfig.from_config(cfg.model, MoEConfig.from_config(cfg, 1))
 
 
 def bucket(n: int, cap: int) -> int:
@@ -64,7 +55,7 @@ class Engine:
     self.bytes_per_page = kv_cache.cache_bytes_per_page(self.model_cfg, self.page_size)
     cache_sharding = self.sharder.sharding(kv_cache.cache_names())
     self.param_shardings = jax.tree.map(lambda x: x.sharding, params) if _placed(params, self.sharder) else \
-        _param_shardings(cfg, self.sharder)
+        jax.tree.map(lambda a: a.sharding, loading.abstract_params(cfg, self.sharder))
     self.params = jax.device_put(params, self.param_shardings)
     self.cache = kv_cache.init_cache(self.model_cfg, num_pages, self.page_size, cache_sharding)
     self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
@@ -143,12 +134,13 @@ class Engine:
       for event in self.step():
         yield dataclasses.replace(event, index=event.index - start)
 
-  def generate(self, requests: Iterable[Request]) -> list[Result]:
-    """Runs the requests to completion; results in input order."""
+  def generate(self, requests: Iterable[Request], on_event=None) -> list[Result]:
+    """Runs the requests to completion; results in input order. `on_event(event)` sees each event (progress)."""
     requests = list(requests)
     start = self._next_index
-    for _ in self.stream(requests):
-      pass
+    for event in self.stream(requests):
+      if on_event is not None:
+        on_event(event)
     return [self._results.pop(start + i) for i in range(len(requests))]
 
   # --- one step --------------------------------------------------------------------------------------------------
@@ -182,7 +174,7 @@ class Engine:
 
   def _append(self, seq: Sequence, token: int, logprob: float, t: float) -> list[Event]:
     p = seq.params
-    if not p.ignore_eos and token == self.codec.eos_id:
+    if not p.ignore_eos and token in self.codec.eos_ids:
       return [self._finish(seq, 'stop', t)]
     seq.tokens.append(token)
     seq.generated.append(token)
@@ -303,14 +295,3 @@ def _placed(params, sharder: Sharder) -> bool:
   leaves = jax.tree.leaves(params)
   return bool(leaves) and all(isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)
                               and x.sharding.mesh == sharder.mesh for x in leaves)
-
-
-def _param_shardings(cfg, sharder: Sharder):
-  """The parameters' shardings on the serving mesh, from their logical axis names (as training derives them)."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from framework.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  model = Transformer(model_config(cfg), Sharder(None, sharder.rules))
-  dummy = jnp.zeros((1, 8), jnp.int32)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, dummy))['params']
-  return sharder.tree_shardings(nn.get_partition_spec(boxed))

@@ -13,7 +13,7 @@ from framework.tokenizer import ByteTokenizer
 
 
 class Codec(Protocol):
-  eos_id: int | None
+  eos_ids: tuple[int, ...]  # a sampled one ends the request with 'stop' (unless ignore_eos)
   vocab_size: int
 
   def encode(self, text: str) -> list[int]: ...
@@ -26,7 +26,7 @@ class ByteCodec:
 
   def __init__(self):
     self._tok = ByteTokenizer()
-    self.eos_id, self.vocab_size = ByteTokenizer.EOS_ID, ByteTokenizer.vocab_size
+    self.eos_ids, self.vocab_size = (ByteTokenizer.EOS_ID,), ByteTokenizer.vocab_size
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_bos=True, add_eos=False).tolist()
@@ -109,3 +109,35 @@ def prompt_ids(request: Request, codec: Codec, vocab_size: int, max_seq_len: int
     raise ValueError(f'prompt: {len(ids)} tokens leave no room to generate in the model\'s context of '
                      f'{max_seq_len} (model.max_seq_len); shorten the prompt to at most {max_seq_len - 1} tokens')
   return ids
+
+
+# The fields of a request object (a prompts.jsonl line, an HTTP body), named as in the OpenAI API.
+SAMPLING_FIELDS = ('max_tokens', 'temperature', 'top_p', 'top_k', 'seed', 'stop', 'logprobs', 'ignore_eos')
+REQUEST_FIELDS = ('prompt', 'tokens', 'id') + SAMPLING_FIELDS
+
+
+def request_from_json(obj: Any, defaults: SamplingParams) -> Request:
+  """A Request from a JSON object; fields it leaves out come from `defaults`. Raises ValueError naming the field
+  (the values themselves are checked when the engine takes the request)."""
+  if not isinstance(obj, dict):
+    raise ValueError(f'request: must be a JSON object with "prompt" or "tokens", got {type(obj).__name__}')
+  unknown = sorted(set(obj) - set(REQUEST_FIELDS))
+  if unknown:
+    raise ValueError(f'{unknown[0]}: unknown field; a request takes {", ".join(REQUEST_FIELDS)}')
+  overrides = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+  if 'stop' in overrides:
+    stop = overrides['stop']
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is None:
+      stop = []
+    if not isinstance(stop, list) or not all(isinstance(x, str) for x in stop):
+      raise ValueError(f'stop: must be a string or a list of strings, got {overrides["stop"]!r}')
+    overrides['stop'] = tuple(stop)
+  for name in ('logprobs', 'ignore_eos'):
+    if name in overrides and not isinstance(overrides[name], bool):
+      raise ValueError(f'{name}: must be true or false, got {overrides[name]!r}')
+  rid = obj.get('id')
+  if rid is not None and not isinstance(rid, (str, int)):
+    raise ValueError(f'id: must be a string or an integer, got {rid!r}')
+  return Request(prompt=obj.get('prompt'), tokens=obj.get('tokens'), id=None if rid is None else str(rid),
+                 sampling=dataclasses.replace(defaults, **overrides))
