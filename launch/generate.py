@@ -6,17 +6,18 @@
 
 A prompts line is a JSON object: "prompt" (text) or "tokens" (ids), an optional "id", and sampling fields named
 as in the OpenAI API ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logprobs"); the flags give
-the defaults. The output has one line per prompts line, in input order: its id, text, tokens, finish_reason
-('stop', 'length' or 'error' with the error) and timings. A bad line gets an error line; the others complete.
+the defaults. The output has one line per prompts line, in input order: its id (default: the line's index
+among the requests), text, tokens, finish_reason ('stop', 'length' or 'error' with the error) and timings. A bad line gets an error line; the others complete.
 The summary (stdout, and --summary as JSON) gives tokens/s, time to first token, time between tokens (p50/p99)
-and the KV memory used.
+and the KV memory used. Timings include compiling the engine's step for each new page-table width (a few per
+run, at the start); `python -m launch.bench --suite=inference` measures warm engines.
 """
 import json
 import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from launch import runtime_flags
@@ -52,7 +53,10 @@ def read_prompts(path: str, defaults) -> list:
       if not line.strip():
         continue
       try:
-        entries.append(request_from_json(json.loads(line), defaults))
+        request = request_from_json(json.loads(line), defaults)
+        if request.id is None:
+          request.id = str(len(entries))  # the line's index among the requests
+        entries.append(request)
       except json.JSONDecodeError as e:
         entries.append(ValueError(f'line {number}: not JSON ({e.msg} at column {e.colno})'))
       except ValueError as e:
@@ -180,6 +184,7 @@ def run() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().python_handler.addFilter(runtime_flags.only_our_info)
   runtime_flags.exit_on_user_error(runtime_flags.apply)
   runtime_flags.exit_on_user_error(run)
 

@@ -1,5 +1,6 @@
 """Flags that set up the runtime before jax starts (fake CPU devices, multi-process jobs), and the launchers'
 rule for errors a user can cause: one line on stderr, not a traceback."""
+import logging as py_logging
 import re
 import sys
 
@@ -31,6 +32,12 @@ def apply() -> None:
   distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                          process_id=PROCESS_ID.value, auto=DISTRIBUTED_AUTO.value,
                          timeout_s=DISTRIBUTED_TIMEOUT.value)
+
+
+def only_our_info(record) -> bool:
+  """A log filter: Orbax and jax log every checkpoint phase at INFO; keep INFO lines from batchax, warnings from
+  everyone. Launchers add it to absl's handler."""
+  return record.levelno >= py_logging.WARNING or '/framework/' in record.pathname or '/launch/' in record.pathname
 
 
 def exit_on_user_error(fn, *args, errors: tuple = (), **kwargs):

@@ -5,8 +5,6 @@
 
 Rerunning the same command resumes from the latest complete checkpoint in WORKDIR/checkpoints.
 """
-import logging as py_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -21,15 +19,10 @@ _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def _only_our_info(record) -> bool:
-  """Orbax and jax log every checkpoint phase at INFO: keep INFO lines from batchax, warnings from everyone."""
-  return record.levelno >= py_logging.WARNING or '/framework/' in record.pathname or '/launch/' in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().python_handler.addFilter(_only_our_info)
+  logging.get_absl_handler().python_handler.addFilter(runtime_flags.only_our_info)
   runtime_flags.exit_on_user_error(runtime_flags.apply)
   from framework import loop  # pylint: disable=g-import-not-at-top  (after the device flags take effect)
   summary = runtime_flags.exit_on_user_error(loop.train, _CONFIG.value, _WORKDIR.value,

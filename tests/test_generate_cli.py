@@ -1,0 +1,146 @@
+"""`python -m launch.generate` end to end: a checkpoint saved on one mesh served on another, a Llama-format
+directory, per-line errors, the summary, and one-line errors for bad flags."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import configs.lm_tiny as lm_tiny
+from framework import checkpoint as ckpt_lib
+from framework import config as config_lib
+from framework.inference import hf_format
+from framework.inference.engine import Engine, serving_sharder
+from framework.inference.requests import ByteCodec, Request
+from framework.inference.sampling import SamplingParams
+from framework.mesh import make_sharder
+from framework.train import Trainer
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODEL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+SERVE = dict(slots=4, page_size=8, prefill_chunk=16)
+OVERRIDES = ([f'--config.model.{k}={v}' for k, v in MODEL.items()] + ['--config.data.seq_len=64'] +
+             [f'--config.inference.{k}={v}' for k, v in SERVE.items()])
+
+
+def small_cfg(**mesh):
+  cfg = lm_tiny.get_config()
+  cfg.model.update(**MODEL)
+  cfg.data.seq_len = 64
+  cfg.inference.update(**SERVE)
+  cfg.mesh.update(**mesh)
+  config_lib.validate(cfg, num_devices=len(jax.devices()))
+  return cfg
+
+
+def launch(*args, timeout=300):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  return subprocess.run([sys.executable, '-m', 'launch.generate', '--cpu_devices=2', '--progress', *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  """A training run's checkpoint, saved from an fsdp=2 x data=4 mesh on 8 devices."""
+  cfg = small_cfg(fsdp=2)
+  trainer = Trainer(cfg, make_sharder(cfg))
+  state = trainer.init(jax.random.key(3))
+  workdir = tmp_path_factory.mktemp('run')
+  checkpointer = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), cfg.checkpoint)
+  assert checkpointer.save(7, state, {}, ckpt_lib.config_to_json(cfg), force=True)
+  checkpointer.wait()
+  checkpointer.close()
+  return workdir, jax.device_get(state.params)
+
+
+def expected(params, prompts, max_tokens):
+  cfg = small_cfg()
+  engine = Engine(cfg, params, sharder=serving_sharder(cfg, jax.devices()[:1]))
+  return engine.generate([Request(prompt=p, sampling=SamplingParams(max_tokens=max_tokens)) for p in prompts])
+
+
+def write_prompts(path, lines):
+  path.write_text(''.join((line if isinstance(line, str) else json.dumps(line)) + '\n' for line in lines))
+
+
+def test_serves_a_checkpoint_on_another_mesh_with_per_line_errors(run_dir, tmp_path):
+  workdir, params = run_dir
+  prompts = tmp_path / 'prompts.jsonl'
+  write_prompts(prompts, [
+      {'id': 'a', 'prompt': 'hello there'},
+      'not json',
+      {'prompt': 'x' * 80},                                # longer than the context
+      {'id': 7, 'prompt': 'the cat', 'max_tokens': 3, 'logprobs': True},
+      {'prompt': 'hi', 'temperature': 'hot'},
+      {'prompt': 'hi', 'best_of': 2},
+      {'id': 'b', 'tokens': [1, 50, 60, 70], 'stop': ['\n']},
+  ])
+  out, summary = tmp_path / 'out.jsonl', tmp_path / 'summary.json'
+  proc = launch('--config=configs/lm_tiny.py', f'--workdir={workdir}', f'--prompts={prompts}', f'--output={out}',
+                f'--summary={summary}', '--max_tokens=6', '--config.mesh.tensor=2', '--config.mesh.data=1', *OVERRIDES)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['finish_reason'] == 'error' for r in rows] == [False, True, True, False, True, True, False]
+  assert [r['id'] for r in rows][::3] == ['a', '7', 'b']
+  assert 'not JSON' in rows[1]['error'] and 'leave no room' in rows[2]['error']
+  assert 'temperature' in rows[4]['error'] and 'best_of: unknown field' in rows[5]['error']
+  want = expected(params, ['hello there', 'the cat'], 6)
+  assert rows[0]['tokens'] == want[0].tokens and rows[0]['text'] == want[0].text
+  assert rows[3]['tokens'] == want[1].tokens[:3] and len(rows[3]['logprobs']) == len(rows[3]['tokens'])
+  assert rows[0]['time_to_first_token'] > 0
+  stats = json.loads(summary.read_text())
+  assert stats['requests'] == 7 and stats['errors'] == 4
+  assert stats['generated_tokens'] == sum(len(r['tokens']) for r in rows) and stats['tokens_per_s'] > 0
+  assert stats['kv_peak_bytes'] > 0 and stats['tbt_p99_s'] >= stats['tbt_p50_s'] > 0
+  assert 'tok/s' in proc.stdout and '7/7 requests' in proc.stderr
+
+
+def test_serves_a_llama_format_directory(run_dir, tmp_path):
+  _, params = run_dir
+  model_dir = tmp_path / 'llama'
+  hf_format.export(small_cfg(), params, str(model_dir), codec=ByteCodec())
+  prompts = tmp_path / 'prompts.jsonl'
+  write_prompts(prompts, [{'prompt': 'hello there'}, {'prompt': 'the cat', 'max_tokens': 3}])
+  out = tmp_path / 'out.jsonl'
+  proc = launch(f'--model_dir={model_dir}', f'--prompts={prompts}', f'--output={out}', '--max_tokens=6',
+                '--config=configs/lm_tiny.py', *OVERRIDES)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  want = expected(params, ['hello there', 'the cat'], 6)
+  assert [r['tokens'] for r in rows] == [want[0].tokens, want[1].tokens[:3]]
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--prompts=/nonexistent.jsonl'], '--prompts: /nonexistent.jsonl is not a file'),
+    (['--config.model.d_model=128'], 'model.d_model: the checkpoint was trained with 64'),
+    (['--workdir=/nonexistent-run'], 'holds no checkpoints/'),
+    (['--temperature=-1'], 'temperature'),
+], ids=['no_prompts', 'model_mismatch', 'no_checkpoint', 'bad_default'])
+def test_user_errors_print_one_line(run_dir, tmp_path, args, message):
+  workdir, _ = run_dir
+  prompts = tmp_path / 'prompts.jsonl'
+  write_prompts(prompts, [{'prompt': 'hi'}])
+  base = ['--config=configs/lm_tiny.py', f'--workdir={workdir}', f'--prompts={prompts}',
+          f'--output={tmp_path / "out.jsonl"}', *OVERRIDES]
+  proc = launch(*base, *args, timeout=120)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'out.jsonl').exists()
+
+
+def test_a_bad_line_never_stops_the_rest():
+  from framework.inference.requests import request_from_json
+  defaults = SamplingParams(max_tokens=5, temperature=0.5)
+  r = request_from_json({'prompt': 'x', 'stop': 'ab', 'top_k': 3}, defaults)
+  assert r.sampling == SamplingParams(max_tokens=5, temperature=0.5, top_k=3, stop=('ab',))
+  for obj, message in [([1], 'JSON object'), ({'prompt': 'x', 'stop': 3}, 'stop'),
+                       ({'prompt': 'x', 'logprobs': 1}, 'logprobs'), ({'prompt': 'x', 'id': [1]}, 'id')]:
+    with pytest.raises(ValueError, match=message):
+      request_from_json(obj, defaults)
+  np.testing.assert_equal(request_from_json({'tokens': [1, 2]}, defaults).tokens, [1, 2])
