@@ -6,12 +6,15 @@
   python -m launch.bench --suite=moe        # moe_tiny: dispatch paths vs the dense twin, exact vs running balance
   python -m launch.bench --suite=noise_scale --config=configs/lm_tiny.py   # step time with / without the estimate
   python -m launch.bench --suite=diagonal   # ARMT: diagonal vs sequential executor vs full attention
+  python -m launch.bench --suite=inference  # engine: continuous vs static, prefix sharing, chunked prefill
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
 """
 import functools
 import os
+import shlex
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +25,7 @@ from ml_collections import config_flags
 import configs
 from launch import runtime_flags, timing
 
-_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'diagonal', 'all'],
+_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'diagonal', 'inference', 'all'],
                            'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
@@ -32,8 +35,10 @@ _MOE_CONFIG = config_flags.DEFINE_config_file('moe_config', os.path.join(os.path
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (after 2 warm-up steps).')
 _PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a plain PyTorch implementation '
                           "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
+_PASSES = flags.DEFINE_integer('passes', 3, 'Inference: timed passes over the workload per variant.')
+_OUT = flags.DEFINE_string('out', 'results/inference', 'Inference: where the CSV, summary and plot go.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
-                           'runs in interpret mode); diagonal: the small cases only.')
+                           'runs in interpret mode); diagonal: the small cases only; inference: small workloads.')
 
 
 def _reference_step(trainer, batch, device):
@@ -180,6 +185,10 @@ def main(argv):
   if _SUITE.value in ('diagonal', 'all'):
     from launch import bench_diagonal  # pylint: disable=g-import-not-at-top
     bench_diagonal.run(_STEPS.value, _QUICK.value)
+  if _SUITE.value in ('inference', 'all'):
+    from launch import bench_inference  # pylint: disable=g-import-not-at-top
+    command = 'python -m launch.bench ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+    runtime_flags.exit_on_user_error(bench_inference.run, _QUICK.value, _PASSES.value, _OUT.value, command)
 
 
 if __name__ == '__main__':
