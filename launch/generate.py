@@ -52,15 +52,20 @@ def read_prompts(path: str, defaults) -> list:
     for number, line in enumerate(f, 1):
       if not line.strip():
         continue
+      obj = None
       try:
-        request = request_from_json(json.loads(line), defaults)
+        obj = json.loads(line)
+        request = request_from_json(obj, defaults)
         if request.id is None:
           request.id = str(len(entries))  # the line's index among the requests
         entries.append(request)
       except json.JSONDecodeError as e:
         entries.append(ValueError(f'line {number}: not JSON ({e.msg} at column {e.colno})'))
       except ValueError as e:
-        entries.append(ValueError(f'line {number}: {e}'))
+        error = ValueError(f'line {number}: {e}')
+        rid = obj.get('id') if isinstance(obj, dict) else None
+        error.request_id = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        entries.append(error)
   if not entries:
     raise ValueError(f'--prompts: {path} holds no requests')
   return entries
@@ -163,7 +168,8 @@ def run() -> dict:
   served = iter(engine.generate([e for e in entries if not isinstance(e, ValueError)],
                                 on_event=lambda e: progress.update(e.token is not None, e.finished)))
   wall = time.perf_counter() - start
-  results = [Result(index=i, id=str(i), finish_reason='error', error=str(e)) if isinstance(e, ValueError)
+  results = [Result(index=i, id=getattr(e, 'request_id', None) or str(i), finish_reason='error', error=str(e))
+             if isinstance(e, ValueError)
              else next(served) for i, e in enumerate(entries)]
   tmp = _OUTPUT.value + '.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:

@@ -77,7 +77,7 @@ def test_serves_a_checkpoint_on_another_mesh_with_per_line_errors(run_dir, tmp_p
       {'prompt': 'x' * 80},                                # longer than the context
       {'id': 7, 'prompt': 'the cat', 'max_tokens': 3, 'logprobs': True},
       {'prompt': 'hi', 'temperature': 'hot'},
-      {'prompt': 'hi', 'best_of': 2},
+      {'id': 'q5', 'prompt': 'hi', 'best_of': 2},
       {'id': 'b', 'tokens': [1, 50, 60, 70], 'stop': ['\n']},
   ])
   out, summary = tmp_path / 'out.jsonl', tmp_path / 'summary.json'
@@ -86,7 +86,7 @@ def test_serves_a_checkpoint_on_another_mesh_with_per_line_errors(run_dir, tmp_p
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['finish_reason'] == 'error' for r in rows] == [False, True, True, False, True, True, False]
-  assert [r['id'] for r in rows][::3] == ['a', '7', 'b']
+  assert [r['id'] for r in rows][::3] == ['a', '7', 'b'] and rows[5]['id'] == 'q5'  # a bad line keeps its id
   assert 'not JSON' in rows[1]['error'] and 'leave no room' in rows[2]['error']
   assert 'temperature' in rows[4]['error'] and 'best_of: unknown field' in rows[5]['error']
   want = expected(params, ['hello there', 'the cat'], 6)

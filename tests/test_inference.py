@@ -100,8 +100,9 @@ def workload(seed, n, common_len=20, max_prompt=30, max_tokens=12):
   return reqs
 
 
-@pytest.mark.parametrize('moe_every', [0, 1, pytest.param(2, marks=pytest.mark.slow)],
-                         ids=['dense', 'moe', 'moe_every2'])
+# The every-layer MoE case runs by default: it covers the dense attention path plus the MoE layers.
+@pytest.mark.parametrize('moe_every', [pytest.param(0, marks=pytest.mark.slow), 1,
+                                       pytest.param(2, marks=pytest.mark.slow)], ids=['dense', 'moe', 'moe_every2'])
 def test_greedy_equals_full_recompute(moe_every):
   cfg = small_cfg(moe_every)
   eng = engine(cfg)
@@ -118,6 +119,7 @@ def test_greedy_equals_full_recompute(moe_every):
     assert r.finish_reason == ('stop' if len(tokens) < q.sampling.max_tokens else 'length')
 
 
+@pytest.mark.slow
 def test_prefix_sharing_off_gives_the_same_tokens_with_more_pages():
   reqs = workload(1, 8, common_len=40, max_prompt=50)
   on, off = engine(small_cfg()), engine(small_cfg(prefix_sharing=False))
@@ -154,6 +156,7 @@ def test_batch_invariance_with_sampling():
   assert reseeded != alone
 
 
+@pytest.mark.slow
 def test_static_and_unchunked_scheduling_give_the_same_tokens():
   reqs = workload(4, 8)
   base = [r.tokens for r in engine(small_cfg()).generate(reqs)]
@@ -291,3 +294,17 @@ def test_sampling_filters_and_seeds():
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
   assert set(draw(0.0, 0, 1.0)) == {0} and set(draw(1.0, 1, 1.0)) == {0}
   np.testing.assert_array_equal(draw(1.0, 0, 1.0), draw(1.0, 0, 1.0))
+
+
+def test_streamed_text_is_complete_when_eos_ends_a_held_back_tail():
+  """Text held back for a possible stop string goes out with the EOS that ends the request."""
+  from framework.inference.scheduler import Sequence
+  eng = engine(small_cfg())
+  params = SamplingParams(max_tokens=20, stop=('###',))
+  seq = Sequence(index=0, id='s', prompt=[1], params=params, max_new=20, arrival=0.0)
+  eng._results.clear()
+  streamed = ''.join(e.text for t in 'Hello'.encode() for e in eng._append(seq, t + 3, 0.0, 1.0))
+  assert streamed == 'Hel'  # two characters held: they could start '###'
+  events = eng._append(seq, EOS, 0.0, 2.0)
+  assert events[0].finished and events[0].finish_reason == 'stop'
+  assert streamed + events[0].text == 'Hello' == eng.result(0).text

@@ -102,7 +102,8 @@ class Engine:
     return self.scheduler.has_work()
 
   def result(self, index: int) -> Result | None:
-    return self._results.get(index)
+    """A finished request's result, handed over once (the engine keeps no history)."""
+    return self._results.pop(index, None)
 
   def cancel(self, index: int) -> bool:
     """Drops a waiting or running request, freeing its slot and pages; False if it is not in the engine."""
@@ -175,7 +176,12 @@ class Engine:
   def _append(self, seq: Sequence, token: int, logprob: float, t: float) -> list[Event]:
     p = seq.params
     if not p.ignore_eos and token in self.codec.eos_ids:
-      return [self._finish(seq, 'stop', t)]
+      # What was held back (a possible stop string's start, an unfinished character) goes out with the end.
+      text = self.codec.decode(seq.generated)
+      event = self._finish(seq, 'stop', t, text)
+      event.text = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ''
+      seq.emitted_text += event.text
+      return [event]
     seq.tokens.append(token)
     seq.generated.append(token)
     seq.logprobs.append(logprob)

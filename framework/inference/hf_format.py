@@ -193,6 +193,8 @@ def load_params(cfg, model_dir: str, sharder: Sharder):
         if name not in names:
           if name.endswith('rotary_emb.inv_freq'):
             continue  # older exports store RoPE's frequencies, which batchax recomputes
+          if name == 'lm_head.weight' and cfg.model.tie_embeddings:
+            continue  # many tied checkpoints also store the head; it is the embedding
           raise ValueError(f'{os.path.basename(path)}: tensor {name} is not part of a Llama model with this '
                            f'{CONFIG} (tie_word_embeddings={cfg.model.tie_embeddings})')
         bx_path, layer, kind = names[name]
