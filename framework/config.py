@@ -12,6 +12,7 @@ from framework import batch_schedule, checkpoint, corpus, mesh, metrics, noise_s
 from framework.config_checks import Context, fail
 from framework.models import config as model_config
 from framework.inference import config as inference_config
+from framework.inference import serving_config
 from framework.models import armt_config, moe_config
 
 # Section name -> the module holding its `defaults()` and `validate(cfg, ctx)`. The mesh section is first: the
@@ -30,6 +31,7 @@ SECTIONS = (
     ('checkpoint', checkpoint),
     ('metrics', metrics),
     ('inference', inference_config),
+    ('serving', serving_config),
 )
 MAX_SEED = 2**31 - 1  # jax.random.key and the data order take 32-bit seeds
 

@@ -18,17 +18,9 @@ import sys
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from launch import runtime_flags
+from launch import model_flags, runtime_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg) -> ConfigDict); with '
-                                          '--model_dir, optional (its inference section and mesh apply).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A batchax training run: serve its latest complete checkpoint.')
-_STEP = flags.DEFINE_integer('step', None, 'Serve this checkpoint step of --workdir instead of the latest.')
-_MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A Llama-format directory (config.json, *.safetensors, '
-                                 'tokenizer.json) as Hugging Face writes it.')
 _PROMPTS = flags.DEFINE_string('prompts', None, 'JSON lines, one request each.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSON lines, one result per prompts line, in input order.')
 _SUMMARY = flags.DEFINE_string('summary', None, 'Also write the summary here as JSON.')
@@ -129,24 +121,13 @@ def _line(summary: dict) -> str:
 
 def run() -> dict:
   """Checks the flags, builds the engine, generates, writes the output; returns the summary."""
-  if bool(_WORKDIR.value) == bool(_MODEL_DIR.value):
-    raise ValueError('give one of --workdir (a batchax run) or --model_dir (a Llama-format directory)')
-  if _WORKDIR.value and _CONFIG.value is None:
-    raise ValueError('--config: required with --workdir (the config the run trained with)')
+  cfg = model_flags.load_config()
   for name, value in (('prompts', _PROMPTS.value), ('output', _OUTPUT.value)):
     if not value:
       raise ValueError(f'--{name}: required')
-  from framework import config as config_lib  # pylint: disable=g-import-not-at-top  (after the device flags)
-  from framework.inference import hf_format, loading  # pylint: disable=g-import-not-at-top
-  from framework.inference.requests import Result  # pylint: disable=g-import-not-at-top
+  from framework.inference.requests import Result  # pylint: disable=g-import-not-at-top  (after the device flags)
   from framework.inference.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
 
-  if _MODEL_DIR.value:
-    cfg = hf_format.serving_config(_MODEL_DIR.value, _CONFIG.value)
-  else:
-    cfg = _CONFIG.value
-  config_lib.validate(cfg, num_devices=jax.device_count(), backend=jax.default_backend())
   defaults = SamplingParams(
       max_tokens=cfg.inference.max_tokens if _MAX_TOKENS.value is None else _MAX_TOKENS.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
@@ -157,10 +138,7 @@ def run() -> dict:
   if not os.path.isdir(out_dir):
     raise ValueError(f'--output: directory {out_dir} does not exist')
 
-  if _MODEL_DIR.value:
-    engine = hf_format.engine_from_model_dir(cfg, _MODEL_DIR.value)
-  else:
-    engine = loading.engine_from_workdir(cfg, _WORKDIR.value, step=_STEP.value)
+  engine = model_flags.build_engine(cfg)
   progress = Progress(len(entries), _PROGRESS.value)
   for _ in range(sum(isinstance(e, ValueError) for e in entries)):
     progress.update(token=False, finished=True)

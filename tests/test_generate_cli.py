@@ -1,67 +1,25 @@
 """`python -m launch.generate` end to end: a checkpoint saved on one mesh served on another, a Llama-format
 directory, per-line errors, the summary, and one-line errors for bad flags."""
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
-import jax
 import numpy as np
 import pytest
 
-import configs.lm_tiny as lm_tiny
-from framework import checkpoint as ckpt_lib
-from framework import config as config_lib
 from framework.inference import hf_format
-from framework.inference.engine import Engine, serving_sharder
-from framework.inference.requests import ByteCodec, Request
+from framework.inference.requests import ByteCodec
 from framework.inference.sampling import SamplingParams
-from framework.mesh import make_sharder
-from framework.train import Trainer
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-MODEL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
-SERVE = dict(slots=4, page_size=8, prefill_chunk=16)
-OVERRIDES = ([f'--config.model.{k}={v}' for k, v in MODEL.items()] + ['--config.data.seq_len=64'] +
-             [f'--config.inference.{k}={v}' for k, v in SERVE.items()])
-
-
-def small_cfg(**mesh):
-  cfg = lm_tiny.get_config()
-  cfg.model.update(**MODEL)
-  cfg.data.seq_len = 64
-  cfg.inference.update(**SERVE)
-  cfg.mesh.update(**mesh)
-  config_lib.validate(cfg, num_devices=len(jax.devices()))
-  return cfg
+from serving_setup import OVERRIDES, expected, save_run, small_cfg
+from serving_setup import launch as launch_module
 
 
 def launch(*args, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
-  return subprocess.run([sys.executable, '-m', 'launch.generate', '--cpu_devices=2', '--progress', *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  return launch_module('launch.generate', '--progress', *args, timeout=timeout)
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  """A training run's checkpoint, saved from an fsdp=2 x data=4 mesh on 8 devices."""
-  cfg = small_cfg(fsdp=2)
-  trainer = Trainer(cfg, make_sharder(cfg))
-  state = trainer.init(jax.random.key(3))
   workdir = tmp_path_factory.mktemp('run')
-  checkpointer = ckpt_lib.Checkpointer(str(workdir / 'checkpoints'), cfg.checkpoint)
-  assert checkpointer.save(7, state, {}, ckpt_lib.config_to_json(cfg), force=True)
-  checkpointer.wait()
-  checkpointer.close()
-  return workdir, jax.device_get(state.params)
-
-
-def expected(params, prompts, max_tokens):
-  cfg = small_cfg()
-  engine = Engine(cfg, params, sharder=serving_sharder(cfg, jax.devices()[:1]))
-  return engine.generate([Request(prompt=p, sampling=SamplingParams(max_tokens=max_tokens)) for p in prompts])
+  return workdir, save_run(workdir)
 
 
 def write_prompts(path, lines):

@@ -71,25 +71,31 @@ class Engine:
   def default_sampling(self, **overrides) -> SamplingParams:
     return SamplingParams(max_tokens=self.icfg.max_tokens, **overrides)
 
+  def check(self, request: Request) -> tuple[list[int], SamplingParams, int]:
+    """(prompt ids, sampling, output cap) of a request this engine can serve; raises ValueError naming the field.
+    Reads only the engine's fixed settings, so any thread may call it (the HTTP server does, to answer 400)."""
+    params = request.sampling or self.default_sampling()
+    ids = prompt_ids(request, self.codec, self.vocab_size, self.max_seq_len)
+    params.check(self.vocab_size)
+    if self.icfg.max_tokens_limit and params.max_tokens > self.icfg.max_tokens_limit:
+      raise ValueError(f'max_tokens: {params.max_tokens} is over this engine\'s limit of '
+                       f'{self.icfg.max_tokens_limit} (inference.max_tokens_limit)')
+    max_new = min(params.max_tokens, self.max_seq_len - len(ids))
+    need = self.scheduler.pages_needed(len(ids) + max_new)
+    if need > self.pool.capacity:
+      raise ValueError(f'max_tokens: the prompt ({len(ids)} tokens) and {max_new} new tokens need {need} KV '
+                       f'pages but the pool has {self.pool.capacity}; lower max_tokens or raise '
+                       'inference.kv_pages')
+    return ids, params, max_new
+
   def add_request(self, request: Request, arrival: float | None = None) -> tuple[int, list[Event]]:
     """Queues one request; returns its index and, for a bad request, its error event (it never runs)."""
     index = self._next_index
     self._next_index += 1
     rid = str(request.id) if request.id is not None else str(index)
     arrival = now() if arrival is None else arrival
-    params = request.sampling or self.default_sampling()
     try:
-      ids = prompt_ids(request, self.codec, self.vocab_size, self.max_seq_len)
-      params.check(self.vocab_size)
-      if self.icfg.max_tokens_limit and params.max_tokens > self.icfg.max_tokens_limit:
-        raise ValueError(f'max_tokens: {params.max_tokens} is over this engine\'s limit of '
-                         f'{self.icfg.max_tokens_limit} (inference.max_tokens_limit)')
-      max_new = min(params.max_tokens, self.max_seq_len - len(ids))
-      need = self.scheduler.pages_needed(len(ids) + max_new)
-      if need > self.pool.capacity:
-        raise ValueError(f'max_tokens: the prompt ({len(ids)} tokens) and {max_new} new tokens need {need} KV '
-                         f'pages but the pool has {self.pool.capacity}; lower max_tokens or raise '
-                         'inference.kv_pages')
+      ids, params, max_new = self.check(request)
     except ValueError as e:
       result = Result(index=index, id=rid, finish_reason='error', error=str(e))
       self._results[index] = result

@@ -238,6 +238,10 @@ class TokenizerCodec:
   def encode(self, text: str) -> list[int]:
     return self.hf_tokenizer.encode(text).ids
 
+  def encode_chat(self, text: str) -> list[int]:
+    # A chat template writes the special tokens itself (e.g. "{{ bos_token }}"), as transformers assumes.
+    return self.hf_tokenizer.encode(text, add_special_tokens=False).ids
+
   def decode(self, ids) -> str:
     return self.hf_tokenizer.decode(list(ids), skip_special_tokens=True)
 

@@ -20,6 +20,9 @@ class Codec(Protocol):
 
   def decode(self, ids) -> str: ...
 
+  def encode_chat(self, text: str) -> list[int]:
+    """A prompt rendered by a chat template (framework/inference/openai_api.py)."""
+
 
 class ByteCodec:
   """The byte tokenizer batchax models train on: a prompt is BOS + its UTF-8 bytes (no EOS: the model goes on)."""
@@ -30,6 +33,9 @@ class ByteCodec:
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_bos=True, add_eos=False).tolist()
+
+  def encode_chat(self, text: str) -> list[int]:
+    return self.encode(text)  # the byte tokenizer has no special-token text for a template to write: BOS added
 
   def decode(self, ids) -> str:
     return self._tok.decode(ids)
