@@ -80,17 +80,17 @@ def create_app(worker: EngineWorker, codec, cfg, model_name: str,
   async def generate(request: HttpRequest, parse):
     try:
       parsed = parse(await _json(request))
-      choices = _Choices(asyncio.get_running_loop(), len(parsed.requests))
+      choices = _Choices(asyncio.get_running_loop(), len(parsed.requests), metrics)
       handles = _submit(worker, parsed, choices, serving)
     except ApiError as e:
       metrics.requests.labels('rejected_' + str(e.status)).inc()
       raise
     rid = openai_api.new_id(parsed.chat)
     if parsed.stream:
-      return StreamingResponse(_stream(parsed, rid, model_name, choices, handles, worker, metrics, codec),
+      return StreamingResponse(_stream(parsed, rid, model_name, choices, handles, worker, codec),
                                media_type='text/event-stream', headers={'Cache-Control': 'no-cache'})
     try:
-      results = await _wait(request, choices, metrics)
+      results = await _wait(request, choices)
     finally:
       _cancel_open(worker, choices, handles)
     if results is None:
@@ -106,19 +106,20 @@ def create_app(worker: EngineWorker, codec, cfg, model_name: str,
 class _Choices:
   """One HTTP request's engine events, carried from the worker thread onto the event loop."""
 
-  def __init__(self, loop: asyncio.AbstractEventLoop, n: int):
-    self.loop, self.queue = loop, asyncio.Queue()
+  def __init__(self, loop: asyncio.AbstractEventLoop, n: int, metrics: Metrics):
+    self.loop, self.queue, self.metrics = loop, asyncio.Queue(), metrics
     self.results: list[Result | None] = [None] * n
     self.open = n
 
   def on_event(self, position, event, result) -> None:  # the worker thread
+    if result is not None:
+      self.metrics.finished(result)  # here, not on the loop: a cancelled request's reader has gone
     with contextlib.suppress(RuntimeError):  # the loop closed (shutdown): nobody is waiting
       self.loop.call_soon_threadsafe(self.queue.put_nowait, (position, event, result))
 
-  def finish(self, position: int, result: Result, metrics: Metrics) -> None:
+  def finish(self, position: int, result: Result) -> None:
     self.results[position] = result
     self.open -= 1
-    metrics.finished(result)
 
 
 async def _json(request: HttpRequest):
@@ -152,7 +153,7 @@ def _failure(result: Result, worker: EngineWorker) -> ApiError:
   return ApiError(status, result.error or result.finish_reason, kind=kind, code=result.finish_reason)
 
 
-async def _wait(request: HttpRequest, choices: _Choices, metrics: Metrics) -> list[Result] | None:
+async def _wait(request: HttpRequest, choices: _Choices) -> list[Result] | None:
   """Every choice's result, or None if the client disconnected first."""
   while choices.open:
     try:
@@ -162,12 +163,12 @@ async def _wait(request: HttpRequest, choices: _Choices, metrics: Metrics) -> li
         return None
       continue
     if result is not None:
-      choices.finish(position, result, metrics)
+      choices.finish(position, result)
   return choices.results
 
 
 async def _stream(parsed: Parsed, rid: str, model: str, choices: _Choices, handles: list[int],
-                  worker: EngineWorker, metrics: Metrics, codec):
+                  worker: EngineWorker, codec):
   """Server-sent events: text deltas per choice, each choice's finish, usage if asked, then [DONE]. A client
   that disconnects stops this generator (CancelledError or GeneratorExit): its requests are cancelled."""
   first = [True] * len(handles)
@@ -181,7 +182,7 @@ async def _stream(parsed: Parsed, rid: str, model: str, choices: _Choices, handl
         first[position] = False
       if result is None:
         continue
-      choices.finish(position, result, metrics)
+      choices.finish(position, result)
       if result.finish_reason in ('stop', 'length'):
         yield openai_api.sse(openai_api.chunk(parsed, rid, model, position, '', finish=result.finish_reason))
       else:
