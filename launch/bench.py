@@ -7,6 +7,7 @@
   python -m launch.bench --suite=noise_scale --config=configs/lm_tiny.py   # step time with / without the estimate
   python -m launch.bench --suite=diagonal   # ARMT: diagonal vs sequential executor vs full attention
   python -m launch.bench --suite=inference  # engine: continuous vs static, prefix sharing, chunked prefill
+  python -m launch.bench --suite=serving    # HTTP load test: 1,000 concurrent requests against launch.serve
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
@@ -25,7 +26,8 @@ from ml_collections import config_flags
 import configs
 from launch import runtime_flags, timing
 
-_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'diagonal', 'inference', 'all'],
+_SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'diagonal', 'inference',
+                                              'serving', 'all'],
                            'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
@@ -36,7 +38,9 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (a
 _PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a plain PyTorch implementation '
                           "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
 _PASSES = flags.DEFINE_integer('passes', 3, 'Inference: timed passes over the workload per variant.')
-_OUT = flags.DEFINE_string('out', 'results/inference', 'Inference: where the CSV, summary and plot go.')
+_OUT = flags.DEFINE_string('out', '', 'Inference, serving: where the CSV, summary and plot go (default: '
+                           'results/<suite>).')
+_REQUESTS = flags.DEFINE_integer('requests', 1000, 'Serving: concurrent requests in the load test.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
                            'runs in interpret mode); diagonal: the small cases only; inference: small workloads.')
 
@@ -187,8 +191,16 @@ def main(argv):
     bench_diagonal.run(_STEPS.value, _QUICK.value)
   if _SUITE.value in ('inference', 'all'):
     from launch import bench_inference  # pylint: disable=g-import-not-at-top
-    command = 'python -m launch.bench ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
-    runtime_flags.exit_on_user_error(bench_inference.run, _QUICK.value, _PASSES.value, _OUT.value, command)
+    runtime_flags.exit_on_user_error(bench_inference.run, _QUICK.value, _PASSES.value,
+                                     _OUT.value or 'results/inference', _command())
+  if _SUITE.value in ('serving', 'all'):
+    from launch import bench_serving  # pylint: disable=g-import-not-at-top
+    runtime_flags.exit_on_user_error(bench_serving.run, _REQUESTS.value, _OUT.value or 'results/serving',
+                                     _command(), errors=(bench_serving.LoadError,))
+
+
+def _command() -> str:
+  return 'python -m launch.bench ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
 
 
 if __name__ == '__main__':
