@@ -303,8 +303,8 @@ def test_streamed_text_is_complete_when_eos_ends_a_held_back_tail():
   params = SamplingParams(max_tokens=20, stop=('###',))
   seq = Sequence(index=0, id='s', prompt=[1], params=params, max_new=20, arrival=0.0)
   eng._results.clear()
-  streamed = ''.join(e.text for t in 'Hello'.encode() for e in eng._append(seq, t + 3, 0.0, 1.0))
+  streamed = ''.join(e.text for t in 'Hello'.encode() for e in eng.append_token(seq, t + 3, 0.0, 1.0))
   assert streamed == 'Hel'  # two characters held: they could start '###'
-  events = eng._append(seq, EOS, 0.0, 2.0)
+  events = eng.append_token(seq, EOS, 0.0, 2.0)
   assert events[0].finished and events[0].finish_reason == 'stop'
   assert streamed + events[0].text == 'Hello' == eng.result(0).text

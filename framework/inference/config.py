@@ -28,12 +28,14 @@ def defaults() -> ml_collections.ConfigDict:
       attention_impl='auto',     # auto (pallas on GPU/TPU, xla on CPU) | xla | pallas
       max_tokens=128,            # default output cap per request (a request's max_tokens may lower or raise it)
       max_tokens_limit=0,        # hard cap on any request's output; 0: only the context length caps it
+      speculative_tokens=4,      # with a draft model: tokens it proposes per sequence per round (speculative.py)
   ))
 
 
 def validate(cfg, ctx: Context) -> None:
   i = cfg.inference
-  positive(i, 'inference', 'slots', 'page_size', 'prefill_rows', 'prefill_chunk', 'max_tokens')
+  positive(i, 'inference', 'slots', 'page_size', 'prefill_rows', 'prefill_chunk', 'max_tokens',
+           'speculative_tokens')
   non_negative(i, 'inference', 'kv_pages', 'token_budget', 'prefix_groups', 'max_tokens_limit')
   one_of('inference.scheduling', i.scheduling, SCHEDULINGS)
   one_of('inference.attention_impl', i.attention_impl, ATTENTION_IMPLS)

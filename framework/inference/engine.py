@@ -18,7 +18,8 @@ import numpy as np
 
 from framework import mesh as mesh_lib
 from framework.inference import config as inference_config
-from framework.inference import forward, kv_cache, loading
+from framework.inference import forward, kv_cache, loading, speculative
+from framework.inference.kv_cache import bucket
 from framework.inference.loading import model_config
 from framework.inference.requests import ByteCodec, Codec, Event, Request, Result, prompt_ids
 from framework.inference.sampling import SamplingParams
@@ -34,15 +35,11 @@ def serving_sharder(cfg, devices=None) -> Sharder:
   return Sharder(base.mesh, rules)
 
 
-def bucket(n: int, cap: int) -> int:
-  """Page-table widths compile in powers of two (at most `cap`), so a step compiles once per bucket."""
-  return min(cap, 1 << max(0, (max(n, 1) - 1).bit_length()))
-
-
 class Engine:
   """Serves one model's parameters (already placed on `sharder`'s mesh, or host arrays)."""
 
-  def __init__(self, cfg, params, codec: Codec | None = None, sharder: Sharder | None = None):
+  def __init__(self, cfg, params, codec: Codec | None = None, sharder: Sharder | None = None, draft=None):
+    """`draft`: (draft config, draft params) to decode speculatively (framework/inference/speculative.py)."""
     self.cfg, self.icfg = cfg, cfg.inference
     self.model_cfg = model_config(cfg)
     self.codec = codec or ByteCodec()
@@ -63,6 +60,7 @@ class Engine:
     self.steps = 0
     self.tokens_generated = 0
     self.prefix_steps = 0  # decode steps that read a shared prefix once for its group
+    self.spec = None if draft is None else speculative.Speculator(self, *draft)
     self._next_index = 0
     self._results: dict[int, Result] = {}
 
@@ -160,10 +158,15 @@ class Engine:
       if sched.waiting and not sched.running:
         raise RuntimeError('no request fits the KV pool; this is a bug (requests are checked on arrival)')
       return []
+    if self.spec is not None and not chunks:
+      self.steps += 1
+      return self.spec.round(decodes)
     groups = sched.prefix_groups(decodes)
     self.prefix_steps += bool(groups)
     batch = self._batch(decodes, chunks, groups)
     self.cache, tokens, logprobs = self._step_fn(self.params, self.cache, batch)
+    if self.spec is not None:
+      self.spec.mirror(batch)
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
     t = now()
     self.steps += 1
@@ -171,15 +174,15 @@ class Engine:
     s = self.icfg.slots
     for seq in decodes:
       seq.computed += 1
-      events += self._append(seq, int(tokens[seq.slot]), float(logprobs[seq.slot]), t)
+      events += self.append_token(seq, int(tokens[seq.slot]), float(logprobs[seq.slot]), t)
     for j, (seq, n) in enumerate(chunks):
       seq.computed += n
       sched.register_computed(seq)
       if seq.pending == 0:
-        events += self._append(seq, int(tokens[s + j]), float(logprobs[s + j]), t)
+        events += self.append_token(seq, int(tokens[s + j]), float(logprobs[s + j]), t)
     return events
 
-  def _append(self, seq: Sequence, token: int, logprob: float, t: float) -> list[Event]:
+  def append_token(self, seq: Sequence, token: int, logprob: float, t: float) -> list[Event]:
     p = seq.params
     if not p.ignore_eos and token in self.codec.eos_ids:
       # What was held back (a possible stop string's start, an unfinished character) goes out with the end.
@@ -253,7 +256,7 @@ class Engine:
       samples += [seq for seq, _ in chunks] + [None] * (self.icfg.prefill_rows - len(chunks))
     for seq in decodes:
       samples[seq.slot] = seq
-    batch = {'dec': dec, 'sample': self._sampling(samples)}
+    batch = {'dec': dec, 'sample': self.sampling_arrays(samples)}
     if groups:
       unused = self.icfg.prefix_groups - len(groups)
       lengths = [pages * ps for _, pages in groups] + [0] * unused
@@ -275,7 +278,7 @@ class Engine:
       batch['pre'] = pre
     return batch
 
-  def _sampling(self, seqs) -> dict:
+  def sampling_arrays(self, seqs) -> dict:
     n = len(seqs)
     out = dict(temperature=np.zeros(n, np.float32), top_k=np.zeros(n, np.int32), top_p=np.ones(n, np.float32),
                seeds=np.zeros(n, np.uint32), counters=np.zeros(n, np.int32))
@@ -293,7 +296,7 @@ class Engine:
     return {'kv_pages': self.pool.capacity, 'kv_pages_used': self.pool.used, 'kv_pages_peak': self.pool.peak_used,
             'kv_bytes_per_page': self.bytes_per_page, 'kv_peak_bytes': self.pool.peak_used * self.bytes_per_page,
             'preemptions': self.scheduler.preemptions, 'shared_pages': self.scheduler.shared_pages,
-            'prefix_steps': self.prefix_steps}
+            'prefix_steps': self.prefix_steps, **(self.spec.stats.to_json() if self.spec is not None else {})}
 
 
 def _table(rows, width: int) -> np.ndarray:

@@ -123,9 +123,34 @@ def make_step(model_cfg: ModelConfig, sharder, attention_impl: str):
 
 
 def _step(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
-  dec, pre, prefix = batch['dec'], batch.get('pre'), batch.get('prefix')
-  s = dec['tokens'].shape[0]
-  flat = lambda name: jnp.concatenate([dec[name]] + ([pre[name].reshape(-1)] if pre is not None else []))
+  s = batch['dec']['tokens'].shape[0]
+  cache, x = run_layers(cfg, sh, attend, params, cache, batch)
+  last = [x[:s]]
+  pre = batch.get('pre')
+  if pre is not None:
+    r, c = pre['tokens'].shape
+    last.append(x[s:].reshape(r, c, -1)[:, -1])
+  logits = head_logits(cfg, params, jnp.concatenate(last))
+  smp = batch['sample']
+  tokens, logprobs = sampling.sample(logits, smp['temperature'], smp['top_k'], smp['top_p'], smp['seeds'],
+                                     smp['counters'])
+  return cache, tokens, logprobs
+
+
+def head_logits(cfg: ModelConfig, params, x):
+  """f32 logits [N, V] of hidden states x [N, d] (the final norm, then the output head)."""
+  h = RMSNorm(cfg).apply({'params': params['final_norm']}, x[None])
+  head = params['embedding'].T if cfg.tie_embeddings else params['head']
+  return dense(h, head.astype(h.dtype), out_dtype=jnp.float32)[0]
+
+
+def run_layers(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
+  """Every layer over the step's tokens (the 'dec' rows, if any, then the 'pre' rows flattened), writing their
+  K and V into the cache: (cache, hidden states [N, d] before the final norm)."""
+  dec, pre, prefix = batch.get('dec'), batch.get('pre'), batch.get('prefix')
+  s = 0 if dec is None else dec['tokens'].shape[0]
+  flat = lambda name: jnp.concatenate(([dec[name]] if dec is not None else []) +
+                                      ([pre[name].reshape(-1)] if pre is not None else []))
   tokens, positions = flat('tokens'), flat('positions')
   write_page, write_offset = flat('write_page'), flat('write_offset')
   table = sh.constrain(params['embedding'], (None, 'act_embed'))
@@ -137,12 +162,14 @@ def _step(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
     v_all = kv.v.at[layer, write_page, write_offset].set(v[0].astype(kv.v.dtype))
     k_layer, v_layer = k_all[layer], v_all[layer]
     h, d = q.shape[2:]
-    q_dec = q[0, :s, None]  # [S, 1, H, D]
-    parts = [attend.rows(q_dec, k_layer, v_layer, dec['table'], dec['lengths'])]
-    if prefix is not None:
-      parts += attend.prefixes(q_dec, k_layer, v_layer, prefix['table'], prefix['lengths'], prefix['groups'])
-    out = parts[0][0] if len(parts) == 1 else combine_lib.combine_attention(parts)[0]
-    outs = [out.reshape(s, h, d)]
+    outs = []
+    if dec is not None:
+      q_dec = q[0, :s, None]  # [S, 1, H, D]
+      parts = [attend.rows(q_dec, k_layer, v_layer, dec['table'], dec['lengths'])]
+      if prefix is not None:
+        parts += attend.prefixes(q_dec, k_layer, v_layer, prefix['table'], prefix['lengths'], prefix['groups'])
+      out = parts[0][0] if len(parts) == 1 else combine_lib.combine_attention(parts)[0]
+      outs.append(out.reshape(s, h, d))
     if pre is not None:
       q_pre = q[0, s:].reshape(*pre['tokens'].shape, h, d)
       outs.append(attend.rows(q_pre, k_layer, v_layer, pre['table'], pre['lengths'])[0].reshape(-1, h, d))
@@ -163,17 +190,7 @@ def _step(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
     return x + y.astype(x.dtype), kv
 
   x, cache = _layers(cfg, sh, params['layers'], x, cache, block)
-  last = [x[0, :s]]
-  if pre is not None:
-    r, c = pre['tokens'].shape
-    last.append(x[0, s:].reshape(r, c, -1)[:, -1])
-  h = RMSNorm(cfg).apply({'params': params['final_norm']}, jnp.concatenate(last)[None])
-  head = params['embedding'].T if cfg.tie_embeddings else params['head']
-  logits = dense(h, head.astype(h.dtype), out_dtype=jnp.float32)[0]
-  smp = batch['sample']
-  tokens, logprobs = sampling.sample(logits, smp['temperature'], smp['top_k'], smp['top_p'], smp['seeds'],
-                                     smp['counters'])
-  return cache, tokens, logprobs
+  return cache, x[0]
 
 
 def _layers(cfg: ModelConfig, sh, layer_params, x, cache: KVCache, block):

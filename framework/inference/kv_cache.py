@@ -46,6 +46,11 @@ def cache_bytes_per_page(model_cfg, page_size: int) -> int:
       jnp.dtype(model_cfg.dtype).itemsize
 
 
+def bucket(n: int, cap: int) -> int:
+  """Page-table widths compile in powers of two (at most `cap`), so a step compiles once per bucket."""
+  return min(cap, 1 << max(0, (max(n, 1) - 1).bit_length()))
+
+
 def page_keys(tokens, page_size: int, count: int) -> list[bytes]:
   """Keys of the first `count` full pages of `tokens`: page j's key hashes every token up to its end (a chain),
   so two prompts share page j only if they agree on all tokens before it too."""

@@ -54,22 +54,31 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
   distribution (before temperature and filtering), as the OpenAI API reports it.
   """
   logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+  filtered = filtered_logprobs(logits, temperature, top_k, top_p)
+  keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(seeds, counters)
+  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  drawn = jax.vmap(_draw)(logits, temperature, top_k, top_p, seeds, counters)
   tokens = jnp.where(temperature > 0, drawn, greedy)
   return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
 
 
-def _draw(logits, temperature, top_k, top_p, seed, counter):
+def filtered_logprobs(logits, temperature, top_k, top_p):
+  """The distribution a row samples from, as log-probabilities [N, V] in vocabulary order (-inf: filtered out):
+  softmax(logits / temperature) over the top_k most likely tokens, then the smallest set of them whose mass
+  reaches top_p (the most likely token always stays). Temperature 0: all mass on the argmax (greedy)."""
+  return jax.vmap(_filtered)(logits, temperature, top_k, top_p)
+
+
+def _filtered(logits, temperature, top_k, top_p):
   vocab = logits.shape[-1]
   scaled = logits / jnp.maximum(temperature, 1e-6)
   order = jnp.argsort(-scaled)
   ranked = scaled[order]
   keep = jnp.arange(vocab) < jnp.where(top_k > 0, top_k, vocab)
   probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf))
-  # top-p: the smallest set of most likely tokens whose mass reaches top_p (the first token always stays).
   before = jnp.cumsum(probs) - probs
   keep &= before < top_p
-  key = jax.random.fold_in(jax.random.key(seed), counter)
-  choice = jax.random.categorical(key, jnp.where(keep, ranked, -jnp.inf))
-  return order[choice].astype(jnp.int32)
+  ranked_lp = jax.nn.log_softmax(jnp.where(keep, ranked, -jnp.inf))
+  sampled = jnp.full((vocab,), -jnp.inf, ranked_lp.dtype).at[order].set(ranked_lp)
+  greedy = jnp.where(jnp.arange(vocab) == jnp.argmax(logits), 0.0, -jnp.inf).astype(ranked_lp.dtype)
+  return jnp.where(temperature > 0, sampled, greedy)
