@@ -8,6 +8,8 @@
   python -m launch.bench --suite=diagonal   # ARMT: diagonal vs sequential executor vs full attention
   python -m launch.bench --suite=inference  # engine: continuous vs static, prefix sharing, chunked prefill
   python -m launch.bench --suite=serving    # HTTP load test: 1,000 concurrent requests against launch.serve
+  python -m launch.bench --suite=speculative --config=configs/lm_tiny.py --workdir=/tmp/target \
+      --draft_config=configs/lm_tiny_draft.py --draft_workdir=/tmp/draft   # speculation on vs off
   python -m launch.bench --suite=train --config=configs/lm_1b.py --config.train.batch_size=8   # on a GPU
 
 Rows are printed as a Markdown table, ready for the README's benchmark table.
@@ -27,7 +29,7 @@ import configs
 from launch import runtime_flags, timing
 
 _SUITE = flags.DEFINE_enum('suite', 'train', ['train', 'kernels', 'moe', 'noise_scale', 'diagonal', 'inference',
-                                              'serving', 'all'],
+                                              'serving', 'speculative', 'all'],
                            'What to benchmark.')
 _CONFIG = config_flags.DEFINE_config_file('config', os.path.join(os.path.dirname(configs.__file__), 'lm_small.py'),
                                           'Model config for --suite=train.', lock_config=True)
@@ -37,10 +39,14 @@ _MOE_CONFIG = config_flags.DEFINE_config_file('moe_config', os.path.join(os.path
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per train-step variant (after 2 warm-up steps).')
 _PEER = flags.DEFINE_enum('peer', 'none', ['none', 'torch'], 'Train: also time a plain PyTorch implementation '
                           "of the same model, optimizer and batch (launch/torch_peer.py; pip install -e '.[peer]').")
-_PASSES = flags.DEFINE_integer('passes', 3, 'Inference: timed passes over the workload per variant.')
+_PASSES = flags.DEFINE_integer('passes', 3, 'Inference, speculative: timed passes over the workload per variant.')
 _OUT = flags.DEFINE_string('out', '', 'Inference, serving: where the CSV, summary and plot go (default: '
                            'results/<suite>).')
 _REQUESTS = flags.DEFINE_integer('requests', 1000, 'Serving: concurrent requests in the load test.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Speculative: the target\'s training run (with --config).')
+_DRAFT_CONFIG = config_flags.DEFINE_config_file('draft_config', None, 'Speculative: the draft model\'s config.',
+                                                lock_config=True)
+_DRAFT_WORKDIR = flags.DEFINE_string('draft_workdir', None, 'Speculative: the draft\'s training run.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Kernels: one small shape each (always so on CPU, where Pallas '
                            'runs in interpret mode); diagonal: the small cases only; inference: small workloads.')
 
@@ -197,6 +203,22 @@ def main(argv):
     from launch import bench_serving  # pylint: disable=g-import-not-at-top
     runtime_flags.exit_on_user_error(bench_serving.run, _REQUESTS.value, _OUT.value or 'results/serving',
                                      _command(), errors=(bench_serving.LoadError,))
+  if _SUITE.value == 'speculative':  # needs a trained pair: not part of 'all'
+    runtime_flags.exit_on_user_error(_speculative)
+
+
+def _speculative() -> None:
+  if not (_WORKDIR.value and _DRAFT_CONFIG.value is not None and _DRAFT_WORKDIR.value):
+    raise ValueError('--suite=speculative: give --config and --workdir (the target) and --draft_config and '
+                     '--draft_workdir (the draft); configs/lm_tiny_draft.py says how to train a pair')
+  from framework import config as config_lib  # pylint: disable=g-import-not-at-top
+  from framework.inference import speculative  # pylint: disable=g-import-not-at-top
+  from launch import bench_speculative  # pylint: disable=g-import-not-at-top
+  cfg = _CONFIG.value
+  config_lib.validate(cfg, num_devices=jax.device_count(), backend=jax.default_backend())
+  draft = speculative.draft_config(cfg, _DRAFT_CONFIG.value, jax.device_count(), jax.default_backend())
+  bench_speculative.run(cfg, _WORKDIR.value, draft, _DRAFT_WORKDIR.value, _QUICK.value, _PASSES.value,
+                        _OUT.value or 'results/speculative', _command())
 
 
 def _command() -> str:

@@ -106,6 +106,7 @@ def summarize(results, wall_s: float, kv: dict) -> dict:
       'kv_peak_bytes': kv['kv_peak_bytes'], 'kv_peak_pages': kv['kv_pages_peak'],
       'kv_pool_bytes': kv['kv_pages'] * kv['kv_bytes_per_page'], 'preemptions': kv['preemptions'],
       'shared_prefix_pages': kv['shared_pages'],
+      **{k: kv[k] for k in ('acceptance_rate', 'tokens_per_target_pass', 'speculative_rounds') if k in kv},
   }
 
 
@@ -116,7 +117,10 @@ def _line(summary: dict) -> str:
           f"{ms(summary['ttft_p50_s'])} p99 {ms(summary['ttft_p99_s'])}; between tokens p50 "
           f"{ms(summary['tbt_p50_s'])} p99 {ms(summary['tbt_p99_s'])}; KV peak {summary['kv_peak_bytes'] / 2**20:.2f} "
           f"MiB ({summary['kv_peak_pages']} pages) of a {summary['kv_pool_bytes'] / 2**20:.2f} MiB pool; "
-          f"{summary['preemptions']} preemptions, {summary['shared_prefix_pages']} prefix pages shared")
+          f"{summary['preemptions']} preemptions, {summary['shared_prefix_pages']} prefix pages shared" +
+          (f"; speculative: {summary['acceptance_rate']:.0%} of draft tokens accepted, "
+           f"{summary['tokens_per_target_pass']:.2f} tokens per target pass"
+           if summary.get('tokens_per_target_pass') is not None else ''))
 
 
 def run() -> dict:

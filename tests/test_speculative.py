@@ -132,3 +132,22 @@ def test_a_draft_must_share_the_vocabulary():
   other.model.vocab_size = 300
   with pytest.raises(ValueError, match='draft model.vocab_size: 300'):
     speculative.check_pair(c['cfg'], other)
+
+
+def test_bench_suite_with_the_target_as_its_own_draft(tmp_path):
+  """`launch.bench --suite=speculative --quick` end to end; a draft equal to the target accepts every token."""
+  from framework.inference.speculative import draft_config
+  from launch import bench_speculative
+  from serving_setup import save_run
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  save_run(workdir)
+  cfg = small_cfg()
+  draft = draft_config(cfg, small_cfg(), len(jax.devices()), 'cpu')
+  rows = bench_speculative.run(cfg, str(workdir), draft, str(workdir), quick=True, passes=1, out=str(tmp_path / 'out'),
+                               command='test')
+  assert [(r['batch'], r['temperature']) for r in rows] == [(1, 0.0), (1, 0.8), (4, 0.0), (4, 0.8)]
+  # 16 tokens: the first from a decode step's round, then 5 a round (4 drafts + 1) until the cap: ~4 a pass.
+  assert all(r['acceptance_rate'] == 1.0 and r['tokens_per_target_pass'] >= 3.5 for r in rows)
+  assert (tmp_path / 'out' / 'bench.png').stat().st_size > 0
+  assert len((tmp_path / 'out' / 'runs.csv').read_text().splitlines()) == 5

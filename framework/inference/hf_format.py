@@ -292,8 +292,10 @@ def _byte_level_chars() -> list[str]:
   return [chars[b] for b in range(256)]
 
 
-def engine_from_model_dir(cfg, model_dir: str, devices=None):
+def engine_from_model_dir(cfg, model_dir: str, devices=None, draft=None):
+  """`draft`: (draft config, its batchax workdir) for speculative decoding."""
   from framework.inference.engine import Engine, serving_sharder  # pylint: disable=g-import-not-at-top
   sharder = serving_sharder(cfg, devices)
   codec = codec_from_model_dir(model_dir)
-  return Engine(cfg, load_params(cfg, model_dir, sharder), codec=codec, sharder=sharder)
+  return Engine(cfg, load_params(cfg, model_dir, sharder), codec=codec, sharder=sharder,
+                draft=loading.draft_from_workdir(draft, sharder))

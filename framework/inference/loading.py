@@ -86,7 +86,20 @@ def params_from_workdir(cfg, workdir: str, sharder: Sharder, step: int | None = 
     checkpointer.close()
 
 
-def engine_from_workdir(cfg, workdir: str, devices=None, step: int | None = None, codec=None):
+def engine_from_workdir(cfg, workdir: str, devices=None, step: int | None = None, codec=None, draft=None):
+  """`draft`: (draft config, its workdir) for speculative decoding."""
   from framework.inference.engine import Engine, serving_sharder  # pylint: disable=g-import-not-at-top
   sharder = serving_sharder(cfg, devices)
-  return Engine(cfg, params_from_workdir(cfg, workdir, sharder, step), codec=codec, sharder=sharder)
+  return Engine(cfg, params_from_workdir(cfg, workdir, sharder, step), codec=codec, sharder=sharder,
+                draft=draft_from_workdir(draft, sharder))
+
+
+def draft_from_workdir(draft, sharder: Sharder):
+  """(draft config, params placed on `sharder`'s mesh) from (draft config, workdir); None passes through."""
+  if draft is None:
+    return None
+  draft_cfg, workdir = draft
+  try:
+    return draft_cfg, params_from_workdir(draft_cfg, workdir, sharder)
+  except ValueError as e:
+    raise ValueError(str(e).replace('--workdir', '--draft_workdir').replace('--step', '--draft_step')) from None

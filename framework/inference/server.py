@@ -238,3 +238,10 @@ class _EngineCollector:
     yield CounterMetricFamily('batchax_generated_tokens', 'Tokens generated', value=s['tokens_generated'])
     yield CounterMetricFamily('batchax_engine_steps', 'Engine steps run', value=s['steps'])
     yield CounterMetricFamily('batchax_preemptions', 'Requests preempted for KV memory', value=s['preemptions'])
+    if 'speculative_rounds' in s:
+      yield CounterMetricFamily('batchax_speculative_rounds', 'Target verification passes',
+                                value=s['speculative_rounds'])
+      yield CounterMetricFamily('batchax_draft_tokens_proposed', 'Draft tokens proposed',
+                                value=s['draft_tokens_proposed'])
+      yield CounterMetricFamily('batchax_draft_tokens_accepted', 'Draft tokens accepted',
+                                value=s['draft_tokens_accepted'])

@@ -132,6 +132,20 @@ class Stats:
             'tokens_per_target_pass': self.emitted / self.rows if self.rows else None}
 
 
+def draft_config(cfg, draft_cfg, num_devices: int, backend: str):
+  """The draft's config as it is served beside the target: on the target's mesh, with its context and engine
+  settings; validated, and checked against the target. Raises ValueError naming the field."""
+  from framework import config as config_lib  # pylint: disable=g-import-not-at-top  (config imports inference)
+  draft = draft_cfg.copy_and_resolve_references()
+  draft.mesh = cfg.mesh
+  draft.model.max_seq_len = cfg.model.max_seq_len
+  draft.data.seq_len = min(draft.data.seq_len, cfg.model.max_seq_len)
+  draft.inference = cfg.inference
+  config_lib.validate(draft, num_devices=num_devices, backend=backend)
+  check_pair(cfg, draft)
+  return draft
+
+
 def check_pair(cfg, draft_cfg) -> None:
   """Raises ValueError naming the field when the draft cannot propose for the target."""
   if draft_cfg.model.vocab_size != cfg.model.vocab_size:

@@ -221,4 +221,5 @@ class EngineWorker:
     return {'waiting': max(0, self.outstanding() - running), 'running': running, 'kv_pages_used': pool.used,
             'kv_pages_total': pool.capacity, 'tokens_per_s': sum(n for _, n in recent) / span if span > 0 else 0.0,
             'steps': self.engine.steps, 'tokens_generated': self.engine.tokens_generated,
-            'preemptions': sched.preemptions}
+            'preemptions': sched.preemptions,
+            **(self.engine.spec.stats.to_json() if self.engine.spec is not None else {})}
