@@ -259,3 +259,33 @@ def test_user_errors_print_one_line(tmp_path, args, message):
   assert proc.returncode != 0
   assert message.format(busy=port) in proc.stderr, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
+
+
+def test_a_request_past_its_timeout_gets_504_or_an_error_event():
+  """In-process (the app over a real engine worker): serving.request_timeout_s cuts a long request."""
+  from fastapi.testclient import TestClient
+
+  from framework.inference import server as server_lib
+  from framework.inference.worker import EngineWorker
+  from test_worker import new_engine
+  engine = new_engine()
+  step = engine.step
+
+  def slow_step():  # 30 ms a step whatever the machine: 50 tokens cannot finish within the timeout
+    time.sleep(0.03)
+    return step()
+
+  engine.step = slow_step
+  cfg = engine.cfg.copy_and_resolve_references()
+  cfg.serving.request_timeout_s = 0.5
+  worker = EngineWorker(engine, max_queue=4)
+  worker.start()
+  long = {'prompt': 'hello', 'max_tokens': 50, 'temperature': 0, 'ignore_eos': True}
+  with TestClient(server_lib.create_app(worker, engine.codec, cfg, 'tiny')) as client:
+    r = client.post('/v1/completions', json=long)
+    assert r.status_code == 504 and r.json()['error']['code'] == 'timeout', r.text
+    with client.stream('POST', '/v1/completions', json=dict(long, stream=True)) as s:
+      events = sse_events(s)
+    assert events[-1] == '[DONE]' and events[-2]['error']['code'] == 'timeout'
+    assert client.post('/v1/completions', json=dict(long, max_tokens=2)).status_code == 200
+  assert not worker.alive  # the app's shutdown drained and stopped the worker
