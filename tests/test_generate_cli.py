@@ -73,12 +73,35 @@ def test_serves_a_llama_format_directory(run_dir, tmp_path):
   assert [r['tokens'] for r in rows] == [want[0].tokens, want[1].tokens[:3]]
 
 
+def test_a_draft_model_from_flags_keeps_greedy_output(run_dir, tmp_path):
+  workdir, params = run_dir
+  prompts = tmp_path / 'prompts.jsonl'
+  write_prompts(prompts, [{'prompt': 'hello there'}, {'prompt': 'the cat', 'max_tokens': 3}])
+  out, summary = tmp_path / 'out.jsonl', tmp_path / 'summary.json'
+  draft = [a.replace('--config.', '--draft_config.') for a in OVERRIDES if a.startswith('--config.model')]
+  proc = launch('--config=configs/lm_tiny.py', f'--workdir={workdir}', f'--prompts={prompts}', f'--output={out}',
+                f'--summary={summary}', '--max_tokens=6', *OVERRIDES, '--draft_config=configs/lm_tiny.py',
+                f'--draft_workdir={workdir}', *draft)  # the target as its own draft: every token accepted
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  want = expected(params, ['hello there', 'the cat'], 6)
+  assert [r['tokens'] for r in rows] == [want[0].tokens, want[1].tokens[:3]]
+  stats = json.loads(summary.read_text())
+  assert stats['acceptance_rate'] == 1.0 and stats['tokens_per_target_pass'] > 1
+  assert 'speculative: 100% of draft tokens accepted' in proc.stdout
+
+
 @pytest.mark.parametrize('args, message', [
     (['--prompts=/nonexistent.jsonl'], '--prompts: /nonexistent.jsonl is not a file'),
     (['--config.model.d_model=128'], 'model.d_model: the checkpoint was trained with 64'),
     (['--workdir=/nonexistent-run'], 'holds no checkpoints/'),
     (['--temperature=-1'], 'temperature'),
-], ids=['no_prompts', 'model_mismatch', 'no_checkpoint', 'bad_default'])
+    (['--draft_config=configs/lm_tiny.py'], '--draft_config, --draft_workdir: give both'),
+    (['--draft_config=configs/lm_tiny.py', '--draft_workdir=/nonexistent-draft'], '--draft_workdir: '),
+    (['--draft_config=configs/lm_tiny.py', '--draft_config.model.vocab_size=384', '--draft_workdir=/x'],
+     '--draft_config: draft model.vocab_size: 384'),
+], ids=['no_prompts', 'model_mismatch', 'no_checkpoint', 'bad_default', 'draft_half', 'draft_missing',
+        'draft_vocab'])
 def test_user_errors_print_one_line(run_dir, tmp_path, args, message):
   workdir, _ = run_dir
   prompts = tmp_path / 'prompts.jsonl'
