@@ -69,6 +69,27 @@ def test_greedy_equals_non_speculative(requests, slots, draft):
   assert spec.pool.used == 0  # lookahead pages go back too
 
 
+def test_greedy_equal_for_an_moe_target_under_a_small_pool():
+  """Every-layer MoE target, its noisy copy as the draft, 15 usable pages for 4 slots: lookahead pages compete
+  with admission and preemption recomputes sequences mid-run."""
+  cfg = small_cfg()
+  cfg.moe.update(num_experts=4, top_k=2, d_ff_expert=64, every=1)
+  cfg.inference.update(kv_pages=16)
+  one = jax.devices()[:1]
+  params = jax.device_get(Trainer(cfg, make_sharder(cfg, one)).init(jax.random.key(8)).params)
+  rng = np.random.default_rng(1)
+  noisy = jax.tree.map(lambda x: x + 0.1 * np.std(x) * rng.standard_normal(x.shape).astype(x.dtype)
+                       if x.ndim > 1 else x, params)
+  reqs = workload(10, order=4)
+  want = Engine(cfg, params, sharder=serving_sharder(cfg, one)).generate(reqs)
+  spec = Engine(cfg, params, sharder=serving_sharder(cfg, one), draft=(cfg, noisy))
+  got = spec.generate(reqs)
+  assert [g.tokens for g in got] == [w.tokens for w in want]
+  stats = spec.kv_stats()
+  assert stats['preemptions'] > 0 and stats['acceptance_rate'] > 0.2, stats
+  assert spec.pool.used == 0
+
+
 def test_stops_and_eos_inside_a_round_match():
   reqs = [Request(prompt='hello there', sampling=SamplingParams(max_tokens=30, stop=(s,)))
           for s in ('\x00', 'e', 'zz')] + workload(4, order=3)
