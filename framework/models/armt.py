@@ -177,12 +177,12 @@ class ARMT(nn.Module):
         'bb': param(self, 'mem_bb', (c.n_layers,), ('layers',), 0.0, c).astype(jnp.float32),
     }
     block = remat_block(c)(c, sh)
-    length = seg + m
+    rows = seg + m  # a cell's rows: the segment's tokens, then the memory tokens
     if self.is_initializing():  # the layers' parameters, stacked [L, ...] under 'layers' as the dense model's
       stacked = nn.vmap(remat_block(c), variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=None,
                         axis_size=c.n_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
-      dummy = jnp.zeros((1, length), jnp.int32)
-      stacked(c, sh, name='layers')(jnp.zeros((1, length, c.d_model), c.dtype), dummy, dummy)
+      dummy = jnp.zeros((1, rows), jnp.int32)
+      stacked(c, sh, name='layers')(jnp.zeros((1, rows, c.d_model), c.dtype), dummy, dummy)
     layers = nn.meta.unbox(self.variables['params']['layers'])
 
     pad = n_segments * seg - n
@@ -192,8 +192,8 @@ class ARMT(nn.Module):
     x_in = jnp.concatenate([x, jnp.broadcast_to(mem_embed, (n_segments, b, m, c.d_model))], axis=2)
     real = jnp.arange(n_segments * seg).reshape(n_segments, 1, seg) < (n if length is None else length)
     sids = jnp.concatenate([real, jnp.ones((n_segments, 1, m), bool)], axis=2).astype(jnp.int32)
-    sids = jnp.broadcast_to(sids, (n_segments, b, length))
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    sids = jnp.broadcast_to(sids, (n_segments, b, rows))
+    positions = jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32), (b, rows))
 
     stacked = stacked_matmul(c, sh.platform)
 
