@@ -5,6 +5,8 @@ jax abort after `timeout_s`, so jobs fail loudly instead of hanging.
 """
 from __future__ import annotations
 
+import logging as py_logging
+
 import jax
 from absl import logging
 
@@ -41,5 +43,19 @@ def initialize(*, coordinator_address: str = '', num_processes: int = 0, process
                                initialization_timeout=timeout_s)
   else:
     jax.distributed.initialize(initialization_timeout=timeout_s)
+  logging.get_absl_handler().addFilter(_ProcessPrefix(jax.process_index(), jax.process_count()))
   logging.info('Process %d of %d; %d local / %d global devices', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+class _ProcessPrefix(py_logging.Filter):
+  """Prefixes every log line of a multi-process job with its process, so interleaved logs stay readable."""
+
+  def __init__(self, index: int, count: int):
+    super().__init__()
+    self.prefix = f'[process {index}/{count}] '
+
+  def filter(self, record) -> bool:
+    if not str(record.msg).startswith(self.prefix):
+      record.msg = self.prefix + str(record.msg)
+    return True

@@ -57,12 +57,15 @@ def _raise_if_diverged(step: int, metrics: dict, last_saved: int | None, directo
 class _StopRequest:
   """SIGTERM / SIGINT (preemption, Ctrl-C) ask the loop to checkpoint the current step and stop cleanly.
 
-  Single-process only: across hosts every process must agree on the step to save at, which needs a
-  coordinated sync point; there the signals keep their default behaviour.
+  One process: our handlers set a flag, read at each step boundary. Several processes: every one must save the
+  same step, so jax's preemption service (started by jax.distributed.initialize) catches SIGTERM on whichever
+  process gets it, tells the others through the coordination service, and `reached_preemption_sync_point`
+  turns true at the same step on all of them (the largest step any has reached, plus one).
   """
 
   def __init__(self):
     self.requested, self.signal_name, self._previous = False, '', {}
+    self._coordinated = jax.process_count() > 1 and _preemption_service_running()
     if jax.process_count() != 1 or threading.current_thread() is not threading.main_thread():
       return
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -72,9 +75,26 @@ class _StopRequest:
     del frame
     self.requested, self.signal_name = True, signal.Signals(signum).name
 
+  def check(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call once per step, on every process."""
+    if self._coordinated and not self.requested:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.requested, self.signal_name = True, 'SIGTERM to one of the processes (the preemption sync point)'
+    return self.requested
+
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _preemption_service_running() -> bool:
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  running = getattr(jax_distributed.global_state, 'preemption_sync_manager', None) is not None
+  if not running:
+    logging.warning('jax\'s preemption service is off (jax_enable_preemption_service): a SIGTERM to one process '
+                    'of this multi-process job will not save a checkpoint')
+  return running
 
 
 def _resume_example(checkpointer, step: int, data_state: dict, batch_size: int) -> int:
@@ -231,7 +251,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
         window_steps += 1
         window_tokens += step_batch * cfg.data.seq_len
       is_last = schedule.finished(done, example)
-      stopping = stop.requested  # read once: a signal arriving mid-iteration waits for the next step
+      stopping = stop.check(done)  # read once: a signal arriving mid-iteration waits for the next step
       do_log = done % t.log_every == 0 or is_last
       do_eval = bool(t.eval_every) and (done % t.eval_every == 0 or is_last)
       do_save = checkpointer is not None and (done % cfg.checkpoint.every_steps == 0 or is_last or stopping)

@@ -91,11 +91,8 @@ def write_outputs(runs: dict, out: str, command: str) -> None:
 
 
 def write_plot(runs: dict, out: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top  (the [study] extra)
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, (ax_e, ax_t, ax_b) = plt.subplots(1, 3, figsize=(15, 4))
+  fig, (ax_e, ax_t, ax_b) = study_io.subplots(1, 3, figsize=(15, 4))
   for name, r in runs.items():
     examples = [e['examples'] for e in r['evals']]
     losses = [e['eval_loss'] for e in r['evals']]
@@ -109,7 +106,6 @@ def write_plot(runs: dict, out: str) -> None:
   ax_e.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'loss.png'), dpi=120)
-  plt.close(fig)
 
 
 def study(config_path: str, workdir: str, out: str, sizes, micro_rows: int, budget: int, theta: float,

@@ -112,10 +112,7 @@ def study(out: str, steps: int, batch: int, pairs: int, eval_every: int, memory_
                f'{pairs} pairs, {memory_tokens} memory tokens per segment.')
   study_io.write_summary(out, lines, summary, command)
 
-  import matplotlib  # pylint: disable=g-import-not-at-top  (the [study] extra)
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (ax_a, ax_l) = study_io.subplots(1, 2, figsize=(10, 4))
   for m, c in curves.items():
     label = f"memory {'on' if m else 'off'}"
     ax_a.plot([p['step'] for p in c], [100 * p['accuracy'] for p in c], 'o-', ms=3, label=label)
@@ -127,7 +124,6 @@ def study(out: str, steps: int, batch: int, pairs: int, eval_every: int, memory_
   ax_a.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'curves.png'), dpi=120)
-  plt.close(fig)
   return summary
 
 

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from launch import study_io
+
 MODEL = dict(vocab_size=512, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=768)
 # (prefix, batch, suffix, output tokens) for the prefix-sharing comparison.
 PREFIX_CASES = ((1024, 16, 16, 16), (2048, 32, 16, 16))
@@ -175,7 +177,6 @@ def _table(rows, device, passes, command) -> list[str]:
 
 
 def _write(rows, lines, out: str, command: str) -> None:
-  from launch import study_io  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   fields = ['comparison', 'case', 'variant', 'tokens_per_s', 'baseline', 'vs_baseline', 'kv_peak_pages',
             'kv_peak_mib', 'tbt_max_ms', 'tbt_p99_ms']
@@ -188,13 +189,10 @@ def _write(rows, lines, out: str, command: str) -> None:
 
 
 def _plot(rows, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   groups = [('continuous vs static', 'tokens_per_s', 'tokens/s'), ('prefix sharing', 'tokens_per_s', 'tokens/s'),
             ('prefix sharing', 'kv_peak_pages', 'KV pages at peak'), ('chunked prefill', 'tbt_max_ms',
                                                                        'worst time between tokens (ms)')]
-  fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6))
+  fig, axes = study_io.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6))
   for ax, (comparison, field, label) in zip(axes, groups):
     mine = [r for r in rows if r['comparison'] == comparison]
     names = [f"{r['variant']}\n{r['case'].split(',')[0]}" for r in mine]
@@ -204,4 +202,3 @@ def _plot(rows, path: str) -> None:
     ax.set_title(f'{comparison}: {label}', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

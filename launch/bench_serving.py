@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from launch import study_io
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=512)
 SERVE = dict(slots=32, page_size=16, prefill_rows=4, prefill_chunk=64)
@@ -212,7 +214,6 @@ def run(requests: int, out: str, command: str) -> dict:
 
 
 def _write(rows, summary, out: str, command: str) -> None:
-  from launch import study_io  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'requests.csv'), 'w', newline='', encoding='utf-8') as f:
@@ -236,10 +237,7 @@ def _write(rows, summary, out: str, command: str) -> None:
 
 
 def _plot(rows, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+  fig, (a, b) = study_io.subplots(1, 2, figsize=(9, 3.6))
   for stream, label in ((False, 'whole response'), (True, 'streamed')):
     xs = np.sort([r['latency_s'] for r in rows if r['stream'] == stream])
     a.plot(xs, np.arange(1, len(xs) + 1) / max(len(xs), 1), label=label)
@@ -251,4 +249,3 @@ def _plot(rows, path: str) -> None:
   b.set_ylabel('latency (s)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from launch import study_io
+
 BATCHES = (1, 8, 32)
 QUICK_BATCHES = (1, 4)
 
@@ -80,7 +82,6 @@ def run(cfg, workdir: str, draft_cfg, draft_workdir: str, quick: bool, passes: i
 
 
 def _write(rows, out: str, command: str, device: str, backend: str) -> None:
-  from launch import study_io  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, 'runs.csv'), 'w', newline='', encoding='utf-8') as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -100,10 +101,7 @@ def _write(rows, out: str, command: str, device: str, backend: str) -> None:
 
 
 def _plot(rows, path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+  fig, (a, b) = study_io.subplots(1, 2, figsize=(9, 3.6))
   for temperature, style in ((0.0, '-o'), (0.8, '--s')):
     sel = [r for r in rows if r['temperature'] == temperature]
     a.plot([r['batch'] for r in sel], [r['speedup'] for r in sel], style, label=f'temperature {temperature}')
@@ -118,4 +116,3 @@ def _plot(rows, path: str) -> None:
   a.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -109,12 +109,10 @@ def write_tables(runs: list[dict], out: str, command: str) -> None:
 
 def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top  (the [study] extra)
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   groups = sorted({r['group'] for r in runs})
-  colors = {g: plt.cm.viridis(i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
-  fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+  colors = {g: matplotlib.colormaps['viridis'](i / max(len(groups) - 1, 1)) for i, g in enumerate(groups)}
+  fig, (ax_train, ax_eval) = study_io.subplots(1, 2, figsize=(11, 4))
   for r in runs:
     train = [x for x in r['records'] if 'loss' in x and 'moe_counts' in x]
     evals = [x for x in r['records'] if 'eval_loss' in x]
@@ -127,9 +125,8 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   ax_train.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'loss.png'), dpi=120)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = study_io.subplots(figsize=(6, 4))
   for r in runs:
     train = [x for x in r['records'] if 'moe_max_over_mean' in x]
     ax.plot([x['step'] for x in train], [np.mean(x['moe_max_over_mean']) for x in train], color=colors[r['group']],
@@ -138,11 +135,10 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'load.png'), dpi=120)
-  plt.close(fig)
 
   shown = [next(r for r in runs if r['group'] == g) for g in groups]
   n_layers = len(shown[0]['p_expert_given_domain'])
-  fig, axes = plt.subplots(len(shown), n_layers, figsize=(2.6 * n_layers, 1.9 * len(shown)), squeeze=False)
+  fig, axes = study_io.subplots(len(shown), n_layers, figsize=(2.6 * n_layers, 1.9 * len(shown)), squeeze=False)
   for i, r in enumerate(shown):
     for layer in range(n_layers):
       ax = axes[i][layer]
@@ -153,9 +149,8 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   fig.suptitle('p(expert | domain), last logged steps (seed shown: first)', fontsize=9)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'heatmaps.png'), dpi=120)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(5, 3.5))
+  fig, ax = study_io.subplots(figsize=(5, 3.5))
   for r in runs:
     ax.scatter(r['group'], r['domain_expert_mi_bits'], color=colors[r['group']])
   ax.set(xscale='log', xlabel='balance group (sequences)', ylabel='MI(domain; expert), bits',
@@ -163,7 +158,6 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   ax.set_xticks(groups, [str(g) for g in groups])
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'specialization.png'), dpi=120)
-  plt.close(fig)
 
 
 def study(config_path: str, workdir: str, out: str, groups, seeds, steps: int, overrides=None) -> list[dict]:

@@ -30,6 +30,14 @@ def write_summary(out: str, markdown_lines: list[str], summary, command: str) ->
     f.write(command + '\n')
 
 
+def subplots(*args, **kwargs):
+  """(figure, axes) as pyplot.subplots gives, on a Figure of its own: no pyplot state and no backend switch, so a
+  study run from a notebook leaves the notebook's inline plots alone. Save with fig.savefig(path)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top  (the [study] extra)
+  fig = Figure(figsize=kwargs.pop('figsize', None))
+  return fig, fig.subplots(*args, **kwargs)
+
+
 def run_main(argv, module: str, study, *args, out: str) -> None:
   """A study launcher's main(): set up the runtime, run `study(*args, command=...)` (one line on stderr for a user
   error, not a traceback) and print the summary it wrote."""

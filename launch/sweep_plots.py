@@ -6,18 +6,18 @@ import os
 
 import numpy as np
 
+from launch import study_io
+
 
 def write(points: list[dict], summary: dict, out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top  (the [study] extra)
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   best = summary['best']
   sizes = sorted({p['batch_size'] for p in points})
-  colors = {b: plt.cm.viridis(i / max(len(sizes) - 1, 1)) for i, b in enumerate(sizes)}
+  colors = {b: matplotlib.colormaps['viridis'](i / max(len(sizes) - 1, 1)) for i, b in enumerate(sizes)}
   fit = summary.get('fit')
 
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig, ax = study_io.subplots(figsize=(6, 4.5))
   for p in points:
     if p['reached']:
       ax.scatter(p['examples'], p['steps'], color=colors[p['batch_size']], alpha=0.35, s=18)
@@ -35,9 +35,8 @@ def write(points: list[dict], summary: dict, out: str) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'steps_vs_examples.png'), dpi=120)
-  plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig, ax = study_io.subplots(figsize=(6, 4.5))
   if best:
     b0 = best[0]
     xs = np.array([b['batch_size'] for b in best], dtype=float)
@@ -55,9 +54,8 @@ def write(points: list[dict], summary: dict, out: str) -> None:
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'steps_vs_batch.png'), dpi=120)
-  plt.close(fig)
 
-  fig, (ax_e, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_e, ax_l) = study_io.subplots(1, 2, figsize=(11, 4))
   factors = {b['batch_size']: b['factor'] for b in best}
   for p in points:
     if p['batch_size'] in factors and p['factor'] == factors[p['batch_size']] and p['noise']:
@@ -75,4 +73,3 @@ def write(points: list[dict], summary: dict, out: str) -> None:
   ax_e.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'b_simple.png'), dpi=120)
-  plt.close(fig)

@@ -29,15 +29,19 @@ cfg.data.update(seq_len=32, max_corpus_bytes=1_500_000, heldout_fraction=0.2)
 cfg.train.update(steps=4, batch_size=16, log_every=2, eval_every=4, eval_batches=1)
 cfg.optim.update(warmup_steps=0, schedule='constant')
 cfg.checkpoint.update(every_steps=2)
+if mode.startswith('preempt'):  # long enough to be interrupted; steps=N: a run to exactly N steps
+  steps = int(mode.split('=')[1]) if '=' in mode else 10_000
+  cfg.train.update(steps=steps, log_every=1, eval_every=0)
+  cfg.checkpoint.update(every_steps=100_000)
 cfg.metrics.peak_flops_per_device = 1e9
 if mode == 'mismatch' and pid == 1:
   cfg.data.max_corpus_bytes = 1_400_000  # this host reads less of the corpus: a different stream
-if mode in ('data', 'mismatch'):
+if mode in ('data', 'mismatch') or mode.startswith('preempt'):
   cfg.mesh.update(data=-1, dcn_data=nproc)
 else:
   cfg.mesh.update(data=-1, tensor=2, dcn_tensor=nproc)
 out = loop.train(cfg, workdir)
-print('RESULT', json.dumps({k: float(out[k]) for k in ('loss', 'eval_loss', 'grad_norm', 'param_norm')}))
+print('RESULT', json.dumps({k: float(out[k]) for k in ('step', 'loss', 'grad_norm', 'param_norm') if k in out}))
 '''
 
 
@@ -90,3 +94,32 @@ def test_processes_reading_different_data_all_stop(tmp_path):
     assert 'processes [1] read a different data stream than process 0' in err, err[-3000:]
     assert 'packed stream fingerprint' in err and 'data.max_corpus_bytes' in err
   assert not (tmp_path / 'run' / 'checkpoints').exists() or not os.listdir(tmp_path / 'run' / 'checkpoints')
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_one_step_on_all_and_resumes(tmp_path):
+  """SIGTERM to process 1 only: both processes stop at the same step, one checkpoint of it is saved, both exit 0;
+  rerunning resumes there, and the resumed run ends where an uninterrupted run of as many steps does."""
+  import signal
+  import time
+  workdir = tmp_path / 'run'
+  procs = _start('preempt', workdir, 2)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  finished = _finish(procs)
+  for i, (returncode, _, err) in enumerate(finished):
+    assert returncode == 0, err[-3000:]
+    assert f'[process {i}/2] Stopping at step' in err, err[-3000:]  # every log line names its process
+  stopped = [json.loads(out.split('RESULT', 1)[1])['step'] for _, out, _ in finished]
+  assert stopped[0] == stopped[1] and 3 <= stopped[0] < 10_000, stopped
+  step = int(stopped[0])
+  assert os.listdir(workdir / 'checkpoints') == [str(step)]
+  resumed = _run(f'preempt={step + 3}', workdir, 2)
+  straight = _run(f'preempt={step + 3}', tmp_path / 'straight', 2)
+  for a, b in zip(resumed, straight):
+    assert a['step'] == b['step'] == step + 3
+    for key in ('loss', 'grad_norm', 'param_norm'):
+      assert a[key] == pytest.approx(b[key], rel=1e-5), key
