@@ -43,7 +43,8 @@ def initialize(*, coordinator_address: str = '', num_processes: int = 0, process
                                initialization_timeout=timeout_s)
   else:
     jax.distributed.initialize(initialization_timeout=timeout_s)
-  logging.get_absl_handler().addFilter(_ProcessPrefix(jax.process_index(), jax.process_count()))
+  # On absl's logger (not its handler): the prefix then holds whether or not absl's handler is installed.
+  py_logging.getLogger('absl').addFilter(_ProcessPrefix(jax.process_index(), jax.process_count()))
   logging.info('Process %d of %d; %d local / %d global devices', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 

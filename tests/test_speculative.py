@@ -155,6 +155,7 @@ def test_a_draft_must_share_the_vocabulary():
     speculative.check_pair(c['cfg'], other)
 
 
+@pytest.mark.slow
 def test_bench_suite_with_the_target_as_its_own_draft(tmp_path):
   """`launch.bench --suite=speculative --quick` end to end; a draft equal to the target accepts every token."""
   from framework.inference.speculative import draft_config
