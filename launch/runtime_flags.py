@@ -19,6 +19,8 @@ PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (with --coordi
 DISTRIBUTED_AUTO = flags.DEFINE_bool('distributed_auto', False,
                                      'Join a multi-process job described by the environment (TPU pod, SLURM).')
 DISTRIBUTED_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
+HEARTBEAT_TIMEOUT = flags.DEFINE_integer('distributed_heartbeat_timeout', 100, 'A process silent this many seconds '
+                                         '(killed, its host lost) stops the whole job with an error.')
 
 
 def apply() -> None:
@@ -31,7 +33,7 @@ def apply() -> None:
   from framework import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(coordinator_address=COORDINATOR.value, num_processes=NUM_PROCESSES.value,
                          process_id=PROCESS_ID.value, auto=DISTRIBUTED_AUTO.value,
-                         timeout_s=DISTRIBUTED_TIMEOUT.value)
+                         timeout_s=DISTRIBUTED_TIMEOUT.value, heartbeat_timeout_s=HEARTBEAT_TIMEOUT.value)
 
 
 def only_our_info(record) -> bool:

@@ -22,7 +22,7 @@ jax.config.update('jax_num_cpu_devices', 8 // nproc)
 from framework import config, distributed, loop
 if nproc > 1:
   distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=nproc, process_id=pid,
-                         timeout_s=120)
+                         timeout_s=120 if mode != 'alone' else 8, heartbeat_timeout_s=10)
 cfg = config.defaults()
 cfg.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=128, max_seq_len=64)
 cfg.data.update(seq_len=32, max_corpus_bytes=1_500_000, heldout_fraction=0.2)
@@ -36,7 +36,7 @@ if mode.startswith('preempt'):  # long enough to be interrupted; steps=N: a run 
 cfg.metrics.peak_flops_per_device = 1e9
 if mode == 'mismatch' and pid == 1:
   cfg.data.max_corpus_bytes = 1_400_000  # this host reads less of the corpus: a different stream
-if mode in ('data', 'mismatch') or mode.startswith('preempt'):
+if mode in ('data', 'mismatch', 'alone') or mode.startswith('preempt'):
   cfg.mesh.update(data=-1, dcn_data=nproc)
 else:
   cfg.mesh.update(data=-1, tensor=2, dcn_tensor=nproc)
@@ -123,3 +123,33 @@ def test_sigterm_to_one_process_saves_one_step_on_all_and_resumes(tmp_path):
     assert a['step'] == b['step'] == step + 3
     for key in ('loss', 'grad_norm', 'param_norm'):
       assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_arrives_fails_clearly_within_the_timeout(tmp_path):
+  import time
+  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
+  start = time.monotonic()
+  alone = subprocess.run([sys.executable, '-c', SCRIPT, 'alone', str(tmp_path / 'run'), str(_free_port()), '0', '2'],
+                         env=env, capture_output=True, text=True, timeout=120)
+  assert alone.returncode != 0 and time.monotonic() - start < 60
+  assert 'error: process 0 of 2: not every process of the job joined 127.0.0.1:' in alone.stderr, alone.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_peer_killed_mid_run_stops_the_others_with_an_error(tmp_path):
+  """kill -9 of process 1 while training: process 0 stops within the heartbeat timeout (10 s here), naming it."""
+  import time
+  procs = _start('preempt', tmp_path / 'run', 2)
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.2)
+  killed = time.monotonic()
+  procs[1].kill()
+  try:
+    _, err = procs[0].communicate(timeout=90)
+  finally:
+    procs[0].kill()
+  assert procs[0].returncode != 0 and time.monotonic() - killed < 60
+  assert 'Task 1 heartbeat timeout' in err or 'stopped sending heartbeats' in err, err[-3000:]
