@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import model_flags, runtime_flags
 
@@ -169,13 +169,5 @@ def run() -> dict:
   return summary
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().python_handler.addFilter(runtime_flags.only_our_info)
-  runtime_flags.exit_on_user_error(runtime_flags.apply)
-  runtime_flags.exit_on_user_error(run)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=runtime_flags.parse_flags)
+  app.run(runtime_flags.main_of(run), flags_parser=runtime_flags.parse_flags)

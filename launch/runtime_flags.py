@@ -52,6 +52,19 @@ def exit_on_user_error(fn, *args, errors: tuple = (), **kwargs):
     sys.exit(f'error: {" ".join(str(e).splitlines())}')
 
 
+def main_of(run):
+  """A launcher's absl main(): no stray arguments, other libraries' INFO lines quiet, the runtime set up, then
+  `run()`, with one line on stderr for any error a user can cause. Use as app.run(main_of(run), ...)."""
+  def main(argv):
+    if len(argv) > 1:
+      from absl import app  # pylint: disable=g-import-not-at-top
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().python_handler.addFilter(only_our_info)
+    exit_on_user_error(apply)
+    exit_on_user_error(run)
+  return main
+
+
 def parse_flags(argv):
   """absl flag parsing that turns a bad --config.* override (unknown key, wrong type) into one line, not a
   traceback. Pass as app.run(main, flags_parser=parse_flags)."""

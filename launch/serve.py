@@ -12,9 +12,8 @@ line (--warmup) so the first requests do not wait for it.
 """
 import signal
 import socket
-import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from launch import model_flags, runtime_flags
 
@@ -87,14 +86,5 @@ class _Server:
     return Server(config)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().python_handler.addFilter(runtime_flags.only_our_info)
-  runtime_flags.exit_on_user_error(runtime_flags.apply)
-  runtime_flags.exit_on_user_error(run)
-  sys.exit(0)
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=runtime_flags.parse_flags)
+  app.run(runtime_flags.main_of(run), flags_parser=runtime_flags.parse_flags)

@@ -125,8 +125,8 @@ class _StopAfter:
   def __init__(self, n):
     self.n, self.signal_name = n, 'SIGTERM (test)'
 
-  @property
-  def requested(self):
+  def check(self, step):
+    del step
     self.n -= 1
     return self.n < 0
 
