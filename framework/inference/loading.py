@@ -60,18 +60,18 @@ def check_saved_model(cfg, saved: dict) -> None:
                          f'{theirs[field]!r})')
 
 
-def params_from_workdir(cfg, workdir: str, sharder: Sharder, step: int | None = None):
+def params_from_workdir(cfg, workdir: str, sharder: Sharder, step: int | None = None, flag: str = 'workdir'):
   """The parameters of step `step` (default: the latest complete one) of the run in `workdir`, restored
-  straight onto `sharder`'s shardings (optimizer state is not read)."""
+  straight onto `sharder`'s shardings (optimizer state is not read). `flag`: the launcher flag errors name."""
   directory = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(directory):
-    raise ValueError(f'--workdir: {workdir} holds no checkpoints/ directory; train there first '
+    raise ValueError(f'--{flag}: {workdir} holds no checkpoints/ directory; train there first '
                      '(python -m launch.train --workdir=...) or pass --model_dir for a Llama-format directory')
   checkpointer = ckpt_lib.Checkpointer(directory, cfg.checkpoint)
   try:
     steps = checkpointer.all_steps()
     if not steps:
-      raise ValueError(f'--workdir: {directory} holds no complete checkpoint')
+      raise ValueError(f'--{flag}: {directory} holds no complete checkpoint')
     if step is None:
       step = max(steps)
     elif step not in steps:
@@ -99,7 +99,4 @@ def draft_from_workdir(draft, sharder: Sharder):
   if draft is None:
     return None
   draft_cfg, workdir = draft
-  try:
-    return draft_cfg, params_from_workdir(draft_cfg, workdir, sharder)
-  except ValueError as e:
-    raise ValueError(str(e).replace('--workdir', '--draft_workdir').replace('--step', '--draft_step')) from None
+  return draft_cfg, params_from_workdir(draft_cfg, workdir, sharder, flag='draft_workdir')

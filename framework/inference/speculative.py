@@ -179,20 +179,22 @@ class Speculator:
   def round(self, decodes) -> list:
     e, k = self.engine, self.k
     ps, slots = e.page_size, e.icfg.slots
-    room = np.zeros(slots, np.int32)
+    room = np.zeros(slots, np.int32)      # drafts that may count: the output cap, the context, free pages
+    base = np.zeros(slots, np.int32)      # the last token's position, n - 1
+    last = np.zeros(slots, np.int32)
+    active = np.zeros(slots, bool)
     for seq in decodes:
       n = len(seq.tokens)
       want = max(0, min(k, seq.max_new - len(seq.generated) - 1, e.max_seq_len - n - 1))
       missing = e.scheduler.pages_needed(n + want) - len(seq.pages)
       if missing > 0:  # lookahead pages, never by preemption: with fewer free, fewer drafts count
         seq.pages += e.pool.allocate(min(missing, e.pool.free)) or []
-      room[seq.slot] = min(want, len(seq.pages) * ps - n)
+      i = seq.slot
+      room[i], base[i], last[i], active[i] = min(want, len(seq.pages) * ps - n), n - 1, seq.tokens[-1], True
     width = bucket(max(len(seq.pages) for seq in decodes), e.max_pages)
     table = np.zeros((slots, width), np.int32)
-    base = np.zeros(slots, np.int32)      # the last token's position, n - 1
     for seq in decodes:
       table[seq.slot, :len(seq.pages)] = seq.pages
-      base[seq.slot] = len(seq.tokens) - 1
     by_slot = {seq.slot: seq for seq in decodes}
     sample = e.sampling_arrays([by_slot.get(i) for i in range(slots)])
 
@@ -202,22 +204,21 @@ class Speculator:
       page = table[rows, np.minimum(positions // ps, width - 1)]
       return np.where(live, page, 0).astype(np.int32), np.where(live, positions % ps, 0).astype(np.int32)
 
-    active = np.zeros(slots, bool)
-    active[[seq.slot for seq in decodes]] = True
-    last = np.zeros(slots, np.int32)
-    for seq in decodes:
-      last[seq.slot] = seq.tokens[-1]
-    tokens, logqs = last, []
-    for i in range(k):  # draft step i feeds position base + i and proposes d_{i+1}
-      pos = base + i
-      page, offset = writes(pos, active & (i <= room))
+    def draft_step(tokens, pos, live, counters):
+      """One draft decode step over the slots, feeding `tokens` at `pos` (written where `live`)."""
+      page, offset = writes(pos, live)
       dec = dict(tokens=tokens, positions=pos, lengths=np.where(active, pos + 1, 0).astype(np.int32),
                  write_page=page, write_offset=offset, table=table)
-      smp = dict(sample, counters=sample['counters'] + i)
-      self.cache, tokens, logq = self._propose(self.params, self.cache, {'dec': dec, 'sample': smp})
-      logqs.append((tokens, logq))
-    drafts = jnp.stack([t for t, _ in logqs], axis=1)
-    logq = jnp.stack([q for _, q in logqs], axis=1)
+      self.cache, token, logq = self._propose(self.params, self.cache,
+                                              {'dec': dec, 'sample': dict(sample, counters=counters)})
+      return token, logq
+
+    tokens, drafts, logqs = last, [], []
+    for i in range(k):  # draft step i feeds position base + i and proposes d_{i+1}
+      tokens, logq = draft_step(tokens, base + i, active & (i <= room), sample['counters'] + i)
+      drafts.append(tokens)
+      logqs.append(logq)
+    drafts, logq = jnp.stack(drafts, axis=1), jnp.stack(logqs, axis=1)
     pos = base[:, None] + np.arange(k + 1)[None]
     page, offset = writes(pos, active[:, None] & (np.arange(k + 1)[None] <= room[:, None]))
     pre = dict(positions=pos.astype(np.int32), write_page=page, write_offset=offset, table=table,
@@ -227,11 +228,7 @@ class Speculator:
     accepted, out, logprobs = np.asarray(accepted), np.asarray(out), np.asarray(logprobs)
     full = active & (accepted == k)
     if full.any():  # the draft never fed d_k; it must hold it before the next round
-      pos = base + k
-      page, offset = writes(pos, full)
-      dec = dict(tokens=np.asarray(drafts)[:, k - 1], positions=pos, lengths=np.where(full, pos + 1, 0).astype(
-          np.int32), write_page=page, write_offset=offset, table=table)
-      self.cache, _, _ = self._propose(self.params, self.cache, {'dec': dec, 'sample': sample})
+      draft_step(out[:, k - 1], base + k, full, sample['counters'])
     t = now()
     events = []
     self.stats.rounds += 1

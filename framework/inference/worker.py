@@ -60,7 +60,8 @@ class EngineWorker:
     self._by_index: dict[int, int] = {}            # engine index -> handle; worker thread only
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._run, name='engine-worker', daemon=True)
-    self._rate: collections.deque = collections.deque()  # (time, tokens) per step
+    self._rate: collections.deque = collections.deque()  # (time, tokens) per step, the last RATE_WINDOW_S
+    self._rate_tokens = 0                                # their sum
     self.draining = False
     self.error: str | None = None                  # why the engine stopped, if it failed
     self._stats = self._snapshot()
@@ -207,19 +208,18 @@ class EngineWorker:
       self._outstanding -= 1
 
   def _count(self, tokens: int) -> None:
-    t = time.monotonic()
-    self._rate.append((t, tokens))
-    while self._rate and self._rate[0][0] < t - RATE_WINDOW_S:
-      self._rate.popleft()
+    self._rate.append((time.monotonic(), tokens))
+    self._rate_tokens += tokens
 
   def _snapshot(self) -> dict:
     sched, pool = self.engine.scheduler, self.engine.pool
     t = time.monotonic()
-    recent = [(s, n) for s, n in self._rate if s >= t - RATE_WINDOW_S]
-    span = t - recent[0][0] if recent else 0.0
+    while self._rate and self._rate[0][0] < t - RATE_WINDOW_S:
+      self._rate_tokens -= self._rate.popleft()[1]
+    span = t - self._rate[0][0] if self._rate else 0.0
     running = len(sched.running)
     return {'waiting': max(0, self.outstanding() - running), 'running': running, 'kv_pages_used': pool.used,
-            'kv_pages_total': pool.capacity, 'tokens_per_s': sum(n for _, n in recent) / span if span > 0 else 0.0,
+            'kv_pages_total': pool.capacity, 'tokens_per_s': self._rate_tokens / span if span > 0 else 0.0,
             'steps': self.engine.steps, 'tokens_generated': self.engine.tokens_generated,
             'preemptions': sched.preemptions,
             **(self.engine.spec.stats.to_json() if self.engine.spec is not None else {})}
