@@ -45,7 +45,7 @@ def run() -> None:
   app_ = server.create_app(worker, engine.codec, cfg, name, template)
   config = uvicorn.Config(app_, host=_HOST.value, port=_PORT.value, log_level='warning', access_log=False,
                           timeout_graceful_shutdown=int(cfg.serving.shutdown_timeout_s) + 1, lifespan='on')
-  srv = _Server(config, worker, name)
+  srv = _server(config, worker, name)
   # uvicorn restores the handlers it found and re-raises the signal it caught once it has shut down; a no-op
   # handler found here turns that re-raise into a normal return, so a SIGTERM shutdown exits 0.
   for sig in (signal.SIGTERM, signal.SIGINT):
@@ -65,25 +65,23 @@ def _listen(host: str, port: int) -> socket.socket:
   return sock
 
 
-class _Server:
-  """uvicorn.Server that marks the worker as draining the moment a signal arrives and prints the ready line."""
+def _server(config, worker, name):
+  """A uvicorn.Server that marks the worker as draining the moment a signal arrives and prints the ready line."""
+  import uvicorn  # pylint: disable=g-import-not-at-top  (the `serve` extra)
 
-  def __new__(cls, config, worker, name):
-    import uvicorn  # pylint: disable=g-import-not-at-top
+  class Server(uvicorn.Server):
 
-    class Server(uvicorn.Server):
+    def handle_exit(self, sig, frame):
+      worker.draining = True
+      super().handle_exit(sig, frame)
 
-      def handle_exit(self, sig, frame):
-        worker.draining = True
-        super().handle_exit(sig, frame)
+    async def startup(self, sockets=None):
+      await super().startup(sockets)
+      if self.started:
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        print(f'serving {name} on http://{host}:{port}', flush=True)
 
-      async def startup(self, sockets=None):
-        await super().startup(sockets)
-        if self.started:
-          host, port = self.servers[0].sockets[0].getsockname()[:2]
-          print(f'serving {name} on http://{host}:{port}', flush=True)
-
-    return Server(config)
+  return Server(config)
 
 
 if __name__ == '__main__':
