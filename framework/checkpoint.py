@@ -1,4 +1,5 @@
-"""Orbax checkpoints under WORKDIR/checkpoints/<step>/: train state, data position and the config.
+"""Orbax checkpoints under WORKDIR/checkpoints/<step>/: train state, data position and the config. WORKDIR may be
+remote (gs://, ...: framework/storage.py); Orbax then commits by marker file instead of rename (see below).
 
 Saves are asynchronous; keep-last-N plus keep-every-K. Restores go onto the *current* mesh (elastic): Orbax is
 given abstract targets carrying the new shardings, so a checkpoint written on 8 devices loads onto 4 or 1.
@@ -7,7 +8,6 @@ A step counts only once Orbax has committed it (`incomplete_reason`); step direc
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from framework import storage
 from framework.config_checks import Context, non_negative, positive
 
 ITEMS = ('state', 'data', 'config')
@@ -41,12 +42,13 @@ _TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX            # older Orbax versions app
 _COMMIT_SUCCESS = ocp.path.atomicity.COMMIT_SUCCESS_FILE
 
 
-def incomplete_reason(path: str, siblings: list[str] | None = None) -> str | None:
-  """Why the step directory `path` is not a complete checkpoint; None when it is.
+def incomplete_reason(path, siblings: list[str] | None = None) -> str | None:
+  """Why the step directory `path` (local or remote) is not a complete checkpoint; None when it is.
 
   `siblings`: the names in its parent directory, when the caller has listed them already.
   """
-  name = os.path.basename(path)
+  path = storage.workdir_path(path)
+  name = path.name
   if not name.isdigit():  # includes N.orbax-checkpoint-tmp*: never renamed into place
     return 'not a finalized step name'
   # Orbax's own rule for this path's atomicity mode (`step.is_checkpoint_finalized` -> `validate_final`).
@@ -56,17 +58,17 @@ def incomplete_reason(path: str, siblings: list[str] | None = None) -> str | Non
   # both finalize()s), so a step written in place is never taken for a renamed one: a bucket mounted with
   # gcsfuse looks local, gets atomic rename, and renames object by object. (Renamed steps without a marker, from
   # older Orbax, are what Orbax calls legacy: `AtomicityOptions.allow_legacy_atomic_rename`.)
-  if not os.path.isfile(os.path.join(path, _COMMIT_SUCCESS)):
+  if not (path / _COMMIT_SUCCESS).exists():
     return f'no {_COMMIT_SUCCESS}'
   # Such a copy-then-delete rename cut off midway leaves its source behind, and the copied part may already
   # hold the marker.
   if siblings is None:
-    siblings = os.listdir(os.path.dirname(path))
+    siblings = [p.name for p in path.parent.iterdir()]
   if any(s.startswith(name + _TMP_SUFFIX) for s in siblings):
     return f'its {name}{_TMP_SUFFIX} source is still there (a rename that did not finish)'
   for item, filename in _ITEM_FILES.items():
     for required in (_COMMIT_SUCCESS, filename):
-      if not os.path.isfile(os.path.join(path, item, required)):
+      if not (path / item / required).exists():
         return f'no {item}/{required}'
   return None
 
@@ -75,7 +77,8 @@ class Checkpointer:
   """One run's checkpoint directory."""
 
   def __init__(self, directory: str, ckpt_cfg):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.workdir_path(directory)
+    self.quarantine = self.directory.with_name(self.directory.name + '-incomplete')  # checkpoints-incomplete/
     self._unverified_step = None
     if jax.process_index() == 0:
       self._quarantine_incomplete()
@@ -98,26 +101,30 @@ class Checkpointer:
 
   # A step-named directory that fails `incomplete_reason` was cut off mid-write (or damaged later). Moving it
   # aside keeps it for inspection and stops Orbax from listing, restoring or overwriting it. Runs before the
-  # manager exists, so before Orbax's tmp cleanup removes the evidence of an unfinished rename.
+  # manager exists, so before Orbax's tmp cleanup removes the evidence of an unfinished rename. The place aside
+  # is outside the checkpoint directory: on gs:// Orbax's cleanup deletes every directory in it that lacks a
+  # commit marker, whatever its name.
   def _quarantine_incomplete(self) -> None:
-    if not os.path.isdir(self.directory):
+    if not self.directory.is_dir():
       return
-    names = sorted(os.listdir(self.directory))
+    names = sorted(p.name for p in self.directory.iterdir())
     for name in names:
-      path = os.path.join(self.directory, name)
-      if not (name.isdigit() and os.path.isdir(path)):
+      path = self.directory / name
+      if not (name.isdigit() and path.is_dir()):
         continue
       reason = incomplete_reason(path, names)
       if reason is None:
         continue
-      target = os.path.join(self.directory, f'incomplete-{name}-{int(time.time())}')
-      while os.path.exists(target):
-        target += '+'
+      target = self.quarantine / f'{name}-{int(time.time())}'
+      while target.exists():
+        target = target.with_name(target.name + '+')
       logging.warning('Checkpoint %s is incomplete (%s); skipping it and moving it to %s', path, reason, target)
-      os.rename(path, target)
+      self.quarantine.mkdir(parents=True, exist_ok=True)
+      storage.move_tree(path, target)  # in a bucket, copies and deletes: a cut-off move leaves a step that
+      # is still incomplete, moved aside again by the next run
 
   def _require_complete(self, step: int) -> None:
-    reason = incomplete_reason(os.path.join(self.directory, str(step)))
+    reason = incomplete_reason(self.directory / str(step))
     if reason is not None:
       raise ValueError(f'Checkpoint step {step} in {self.directory} is incomplete ({reason}); not restoring it')
 
@@ -161,7 +168,7 @@ class Checkpointer:
     # Orbax's 'async_commit_complete' barrier until process 0 has renamed the step (async_checkpointer.py).
     step, self._unverified_step = self._unverified_step, None
     if step is not None:
-      reason = incomplete_reason(os.path.join(self.directory, str(step)))
+      reason = incomplete_reason(self.directory / str(step))
       if reason is not None:
         raise CommitError(f'The checkpoint of step {step} in {self.directory} was not committed ({reason}); '
                            'see the Orbax errors logged above')

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -22,8 +21,10 @@ from framework import metrics as metrics_lib
 from framework import resume
 from framework import noise_scale
 from framework import scaling
+from framework import storage
 from framework.mesh import make_sharder
 from framework.models.transformer import num_params
+from framework import train as train_lib
 from framework.train import Trainer
 
 
@@ -109,6 +110,15 @@ def _resume_example(checkpointer, step: int, data_state: dict, batch_size: int) 
   return example
 
 
+def _check_device_rows(saved: int | None, current: int) -> None:
+  """Warns when a resumed run (elastic: other devices or mesh) puts more rows on each device per micro-batch
+  than the run that saved the checkpoint, which may not fit the memory that run fit in."""
+  if saved and current > saved:
+    logging.warning('Each batch shard now holds %d rows per micro-batch; the run that saved this checkpoint held '
+                    '%d. If it runs out of memory, set train.device_batch=%d: the micro-batch count then follows '
+                    'the device count', current, saved, saved)
+
+
 def _observe(noise, step: int, metrics: dict) -> None:
   """Feeds a step's metrics to the noise-scale estimate (framework/noise_scale.py), when it is on."""
   if noise is not None:
@@ -160,11 +170,13 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
   """
   began = time.perf_counter()
   devices = list(jax.devices() if devices is None else devices)
+  cfg, micro_note = train_lib.resolve_micro_batches(cfg, len(devices))
   config_lib.validate(cfg, num_devices=len(devices), backend=devices[0].platform)
   cfg = cfg.copy_and_resolve_references()
   if cfg.batch_schedule.mode == 'fixed':  # a schedule rescales each rung as it starts (_rung_trainer)
     _log_scaling(scaling.apply(cfg))
   resume.check_workdir(workdir)
+  root = storage.workdir_path(workdir)
   train_data, heldout = data_lib.load_splits(cfg.data)
   for split in (train_data, heldout):
     data_lib.check_vocab(split, cfg.model.vocab_size)
@@ -173,7 +185,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
 
   checkpointer, latest = None, None
   if cfg.checkpoint.enabled:
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), cfg.checkpoint)
+    checkpointer = ckpt_lib.Checkpointer(root / 'checkpoints', cfg.checkpoint)
     latest = checkpointer.latest_step()
     if latest is not None:
       try:
@@ -181,10 +193,9 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
       except ValueError:
         checkpointer.close()
         raise
-  os.makedirs(workdir, exist_ok=True)
+  root.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-      json.dump(ckpt_lib.config_to_json(cfg), f, indent=2)
+    (root / 'config.json').write_text(json.dumps(ckpt_lib.config_to_json(cfg), indent=2), encoding='utf-8')
 
   # The base trainer initialises, restores and evaluates (at train.batch_size, so evaluations compare across
   # a batch schedule's rungs); each rung's own trainer takes the steps.
@@ -197,6 +208,9 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
     start_example = _resume_example(checkpointer, latest, data_state, t.batch_size)
     logging.info('Resumed from %s/%d (data position: step %d, example %d)', checkpointer.directory, latest, start,
                  start_example)
+    _check_device_rows(data_state.get('device_rows'), trainer.device_rows)
+  if micro_note:
+    logging.info(micro_note)
   else:
     state = trainer.init(jax.random.key(cfg.seed))
   try:
@@ -221,7 +235,7 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
       checkpointer.close()
     return {'step': start, 'examples': start_example}
 
-  writer = metrics_lib.MetricsWriter(workdir, cfg.metrics.tensorboard, resume_step=start)
+  writer = metrics_lib.MetricsWriter(root, cfg.metrics.tensorboard, resume_step=start)
   rung_trainers: dict = {}
   stepper = _rung_trainer(cfg, trainer, schedule, rung_trainers)
   batches = _open_batches(train_data, cfg, stepper, start, start_example)
@@ -293,7 +307,8 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
         batches = _open_batches(train_data, cfg, stepper, done, example)
         window_start, window_steps, window_tokens = None, 0, 0
       if do_save:
-        data_state = {**batches.state(), 'stream': data_record, 'batch_schedule': schedule.state()}
+        data_state = {**batches.state(), 'stream': data_record, 'batch_schedule': schedule.state(),
+                      'device_rows': stepper.device_rows}
         if noise is not None:
           data_state['noise_scale'] = noise.state()
         if checkpointer.save(done, state, data_state,

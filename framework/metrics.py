@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import time
 
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from framework import storage
 from framework.config_checks import Context, non_negative
 
 # Dense bf16 peak FLOP/s per chip. An entry matches a jax.Device.device_kind that contains its name as whole
@@ -112,29 +112,30 @@ def peak_flops(devices, override_per_device: float = 0.0) -> tuple[float, str]:
 
 
 class MetricsWriter:
-  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard.
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard under
+  WORKDIR/tensorboard; WORKDIR may be remote (framework/storage.py).
 
   Only process 0 writes. Appending (not truncating) keeps the history of a resumed run in one file.
   """
 
-  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0):
+  def __init__(self, workdir, tensorboard: bool = True, resume_step: int = 0):
     self.active = jax.process_index() == 0
     self._tb = None
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'metrics.jsonl')
+    root = storage.workdir_path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / 'metrics.jsonl'
     _drop_records_after(path, resume_step)
-    self._jsonl = open(path, 'a', encoding='utf-8')
+    self._jsonl = storage.AppendFile(path)
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = storage.tensorboard_writer(root / 'tensorboard')
 
   def write(self, step: int, values: dict) -> None:
     if not self.active:
       return
     clean = {k: _plain(v) for k, v in values.items()}
-    self._jsonl.write(json.dumps({'step': int(step), **clean}) + '\n')
+    self._jsonl.write((json.dumps({'step': int(step), **clean}) + '\n').encode('utf-8'))
     self._jsonl.flush()
     if self._tb is not None:
       for key, value in clean.items():
@@ -149,13 +150,14 @@ class MetricsWriter:
         self._tb.close()
 
 
-def read_records(workdir: str) -> list[dict]:
-  """The records of WORKDIR/metrics.jsonl, in order, skipping any line a crash left unreadable."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
-    return [r for r in (_parse_record(line) for line in f if line.strip()) if r is not None]
+def read_records(workdir) -> list[dict]:
+  """The records of WORKDIR/metrics.jsonl (local or remote), in order, skipping any line a crash left
+  unreadable."""
+  lines = (storage.workdir_path(workdir) / 'metrics.jsonl').read_bytes().split(b'\n')
+  return [r for r in (_parse_record(line) for line in lines if line.strip()) if r is not None]
 
 
-def _drop_records_after(path: str, step: int) -> None:
+def _drop_records_after(path, step: int) -> None:
   """A run that crashed after logging step k but before checkpointing it redoes those steps on resume: drop the
   stale records so each step appears once.
 
@@ -164,10 +166,9 @@ def _drop_records_after(path: str, step: int) -> None:
   failing the resume: they hold no record a reader could use, and a cut last line would otherwise run into the
   next record appended after it.
   """
-  if not os.path.exists(path):
+  if not path.exists():
     return
-  with open(path, 'rb') as f:
-    raw = f.read()
+  raw = path.read_bytes()
   lines = raw.split(b'\n')
   last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
   kept, later = [], 0
@@ -187,10 +188,7 @@ def _drop_records_after(path: str, step: int) -> None:
     logging.info('%s: dropped %d records after step %d, the step this run resumes from', path, later, step)
   content = b''.join(kept)
   if content != raw:
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-      f.write(content)
-    os.replace(tmp, path)
+    storage.write_bytes_atomic(path, content)
 
 
 def _parse_record(line: bytes) -> dict | None:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+import jax
 import ml_collections
 from absl import logging
 
 from framework import config as config_lib
 from framework import data_identity
 from framework import optim
+from framework import storage
 from framework.models import config as model_config
 from framework.models import armt_config, moe_config
 
@@ -66,10 +68,15 @@ def check_resume(checkpointer, step: int, cfg, data_record: dict, allow_data_cha
 
 
 def check_workdir(workdir: str) -> None:
-  """A workdir that cannot hold checkpoints fails now, in one line, not at the first save."""
-  if '://' in workdir:
-    raise ValueError(f'--workdir {workdir!r}: remote paths are not supported yet; use a local or mounted path '
-                     '(e.g. a gcsfuse mount)')
+  """A workdir that cannot hold checkpoints fails now, in one line, not at the first save. A remote one
+  (gs://, ...) is checked by writing and deleting an object in it."""
+  if storage.is_remote(workdir):
+    try:
+      root = storage.workdir_path(workdir)
+    except ValueError as e:
+      raise ValueError(f'--workdir {e}') from None
+    storage.check_writable(root, jax.process_index())
+    return
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f'--workdir {workdir!r} is a file, not a directory; pass a directory (it is created if '
                      'missing)')

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from framework import corpus, optim
 from framework.config_checks import Context, fail, non_negative, positive
-from framework.mesh import Sharder, shard_count, spread_over
+from framework.mesh import Sharder, mesh_sizes, shard_count, spread_over
 from framework.models import moe_balance
 from framework.models.layers import ModelConfig
 from framework.models import armt as armt_lib
@@ -37,6 +37,7 @@ def defaults() -> ml_collections.ConfigDict:
       steps=200,
       batch_size=16,         # global, in sequences
       micro_batches=1,       # gradient accumulation
+      device_batch=0,        # > 0: rows per device per micro-batch; sets micro_batches from the device count
       z_loss=1e-4,
       log_every=10,
       eval_every=100,        # 0: never
@@ -49,14 +50,41 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(cfg, ctx: Context) -> None:
   t = cfg.train
   positive(t, 'train', 'steps', 'batch_size', 'micro_batches', 'log_every', 'eval_batches')
-  non_negative(t, 'train', 'eval_every', 'z_loss', 'target_eval_loss')
+  non_negative(t, 'train', 'eval_every', 'z_loss', 'target_eval_loss', 'device_batch')
   if t.target_eval_loss and not t.eval_every:
     fail('train.target_eval_loss', 'is checked at evaluations: set train.eval_every > 0')
   dp, dp_axes = shard_count(ctx.rules, ctx.sizes, 'batch')
+  if t.device_batch:
+    rows = dp * t.device_batch
+    if t.batch_size % rows:
+      fail('train.device_batch', f'{t.device_batch} rows on each of the {dp} batch shards ({" x ".join(dp_axes) or "1"}) '
+           f'make {rows}-row micro-batches, which do not divide train.batch_size ({t.batch_size}); choose a '
+           f'device_batch with {dp} x device_batch dividing {t.batch_size}')
+    if t.micro_batches != t.batch_size // rows:
+      fail('train.micro_batches', f'is {t.micro_batches}, but train.device_batch={t.device_batch} sets it to '
+           f'{t.batch_size // rows} on this mesh; set only one of the two')
   unit = dp * t.micro_batches
   if t.batch_size % unit:
     fail('train.batch_size', f'{t.batch_size} is not divisible by the batch shards ({" x ".join(dp_axes) or "1"} '
          f'= {dp}) x train.micro_batches ({t.micro_batches}) = {unit}; use a multiple of {unit}')
+
+
+def resolve_micro_batches(cfg, num_devices: int) -> tuple[Any, str | None]:
+  """With train.device_batch > 0: a copy of `cfg` whose train.micro_batches gives every batch shard that many
+  rows per micro-batch on `num_devices` devices (train.batch_size / (batch shards x device_batch)), and a line
+  saying so. The count then follows the devices: a run resumed on fewer of them accumulates more micro-batches
+  of the same size, so the same global batch fits the same memory. Otherwise (cfg, None)."""
+  t = cfg.train
+  if not t.device_batch or t.micro_batches != 1:  # unset, or set by hand (validate() checks the two agree)
+    return cfg, None
+  sizes = mesh_sizes(cfg.mesh, num_devices)
+  dp, dp_axes = shard_count(tuple(cfg.mesh.axis_rules), sizes, 'batch')
+  if t.batch_size % (dp * t.device_batch):
+    return cfg, None  # validate() names the fields
+  resolved = cfg.copy_and_resolve_references()
+  resolved.train.micro_batches = t.batch_size // (dp * t.device_batch)
+  return resolved, (f'train.micro_batches = {resolved.train.micro_batches}: train.batch_size {t.batch_size} / '
+                    f'({dp} batch shards ({" x ".join(dp_axes) or "1"}) x train.device_batch {t.device_batch})')
 
 
 @flax.struct.dataclass
@@ -97,6 +125,8 @@ class Trainer:
     self.cfg = cfg
     self.sharder = sharder
     batch_shards, _ = shard_count(sharder.rules, dict(sharder.mesh.shape), 'batch')
+    # What a device's activation memory scales with: the rows each batch shard holds per micro-batch.
+    self.device_rows = cfg.train.batch_size // (batch_shards * cfg.train.micro_batches)
     moe = MoEConfig.from_config(cfg, batch_shards, num_domains=corpus.num_domains(cfg.data))
     self.model_cfg = ModelConfig.from_config(cfg.model, moe, ARMTConfig.from_config(cfg))
     if self.model_cfg.armt is not None and model_cls is Transformer:

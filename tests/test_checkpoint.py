@@ -296,12 +296,12 @@ def test_incomplete_step_is_never_listed_or_restored(saved_on_8, tmp_path, damag
     logging.getLogger('absl').removeHandler(records)
 
   assert_trees_equal(jax.device_get(state), states[5])
-  quarantined = glob.glob(os.path.join(directory, 'incomplete-*'))
+  quarantined = glob.glob(os.path.join(f'{directory}-incomplete', '*'))
   if damage == 'tmp_dir':  # not a step at all: left to Orbax's tmp cleanup, never moved aside
     assert quarantined == []
   else:
     assert not os.path.exists(bad)
-    assert quarantined == glob.glob(os.path.join(directory, f'incomplete-{os.path.basename(bad)}-*'))
+    assert quarantined == glob.glob(os.path.join(f'{directory}-incomplete', f'{os.path.basename(bad)}-*'))
     assert len(quarantined) == 1
     assert any('incomplete' in m and bad in m for m in records.messages), records.messages
 

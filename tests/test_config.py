@@ -15,6 +15,7 @@ import pytest
 
 from framework import config as config_lib
 from framework import loop
+from framework import train as train_lib
 from framework.mesh import Sharder
 from framework.models.layers import ModelConfig
 from framework.models.transformer import Transformer
@@ -74,6 +75,9 @@ BAD = {
     'two_fill_axes': (lambda: _set(**{'mesh.data': -1, 'mesh.fsdp': -1}), 'mesh.fsdp', 'only one axis'),
     'batch_vs_dp': (lambda: _set(**{'train.batch_size': 12}), 'train.batch_size', 'not divisible'),
     'batch_vs_micro': (lambda: _set(**{'train.micro_batches': 4}), 'train.batch_size', 'micro_batches'),
+    'device_batch_vs_batch': (lambda: _set(**{'train.device_batch': 3}), 'train.device_batch', 'do not divide'),
+    'device_batch_and_micro': (lambda: _set(**{'train.device_batch': 1, 'train.micro_batches': 4}),
+                               'train.micro_batches', 'set only one'),
     'heads_vs_tensor': (lambda: _set(**{'model.n_heads': 6, 'model.n_kv_heads': 2, 'model.head_dim': 16,
                                         'mesh.data': 2, 'mesh.tensor': 4, 'train.batch_size': 2}),
                         'model.n_heads', 'tensor'),
@@ -176,3 +180,19 @@ def test_launcher_refuses_unknown_override(tmp_path):
 def test_odd_head_dim_is_refused_up_front():
   with pytest.raises(ValueError, match='model.head_dim'):
     config_lib.validate(_set(**{'model.head_dim': 15}), num_devices=8)
+
+
+@pytest.mark.parametrize('devices, mesh, micro', [(8, {'data': 2, 'fsdp': 2, 'tensor': 2}, 4),
+                                                  (4, {'data': 1, 'fsdp': 2, 'tensor': 2}, 8),
+                                                  (8, {'data': 8}, 2), (1, {'data': 1}, 16)])
+def test_device_batch_sets_the_micro_batch_count_from_the_mesh(devices, mesh, micro):
+  """batch 16 at 1 row per batch shard per micro-batch: 16 / (data x fsdp) micro-batches."""
+  cfg = _set(**{'train.device_batch': 1, **{f'mesh.{k}': v for k, v in mesh.items()}})
+  resolved, note = train_lib.resolve_micro_batches(cfg, devices)
+  assert resolved.train.micro_batches == micro and cfg.train.micro_batches == 1
+  assert f'train.micro_batches = {micro}:' in note
+  config_lib.validate(resolved, num_devices=devices)
+  with pytest.raises(ValueError, match='train.micro_batches'):  # unresolved, the count disagrees
+    config_lib.validate(cfg, num_devices=devices)
+  unset, note = train_lib.resolve_micro_batches(_set(**{f'mesh.{k}': v for k, v in mesh.items()}), devices)
+  assert unset.train.micro_batches == 1 and note is None

@@ -6,14 +6,13 @@ serving mesh; the Llama-format directory reader and writer live in framework/inf
 """
 from __future__ import annotations
 
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from framework import checkpoint as ckpt_lib
+from framework import storage
 from framework.mesh import Sharder
 from framework.models.armt_config import ARMTConfig
 from framework.models.layers import ModelConfig
@@ -63,8 +62,8 @@ def check_saved_model(cfg, saved: dict) -> None:
 def params_from_workdir(cfg, workdir: str, sharder: Sharder, step: int | None = None, flag: str = 'workdir'):
   """The parameters of step `step` (default: the latest complete one) of the run in `workdir`, restored
   straight onto `sharder`'s shardings (optimizer state is not read). `flag`: the launcher flag errors name."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
+  directory = storage.workdir_path(workdir) / 'checkpoints'
+  if not directory.is_dir():
     raise ValueError(f'--{flag}: {workdir} holds no checkpoints/ directory; train there first '
                      '(python -m launch.train --workdir=...) or pass --model_dir for a Llama-format directory')
   checkpointer = ckpt_lib.Checkpointer(directory, cfg.checkpoint)
