@@ -202,6 +202,8 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
   trainer = Trainer(cfg, make_sharder(cfg, devices))
   state, start, start_example, data_state = None, 0, 0, {}
   t = cfg.train
+  if micro_note:
+    logging.info(micro_note)
   if latest is not None:
     state, data_state = checkpointer.restore(latest, trainer.abstract_state)
     start = int(data_state['next_step'])
@@ -209,8 +211,6 @@ def train(cfg, workdir: str, devices: Sequence[jax.Device] | None = None, *,
     logging.info('Resumed from %s/%d (data position: step %d, example %d)', checkpointer.directory, latest, start,
                  start_example)
     _check_device_rows(data_state.get('device_rows'), trainer.device_rows)
-  if micro_note:
-    logging.info(micro_note)
   else:
     state = trainer.init(jax.random.key(cfg.seed))
   try:
