@@ -86,14 +86,14 @@ def test_device_batch_recomputes_micro_batches_on_fewer_devices_and_on_two_proce
   processes of 2 devices (2 shards across the processes, 4 micro-batches), each count logged."""
   eight = {'mesh.data': 2, 'mesh.fsdp': 2, 'mesh.tensor': 2, 'train.device_batch': 1}
   straight = train(tmp_path / 'straight', 8, 6, **eight)
-  assert 'train.micro_batches = 2: train.batch_size 8 / (4 batch shards (data x fsdp) x train.device_batch 1)' in train.log
+  assert 'train.micro_batches = 2: train.batch_size 8 / (4 batch shards (data x fsdp x expert) x train.device_batch 1)' in train.log
   saved = tmp_path / 'saved'
   train(saved, 8, 3, **eight)
   one = tmp_path / 'one_process'
   shutil.copytree(saved, one)
   resumed = {'one process': train(one, 2, 6, **{'mesh.data': 1, 'mesh.fsdp': 1, 'mesh.tensor': 2,
                                                 'train.device_batch': 1})}
-  assert 'train.micro_batches = 8: train.batch_size 8 / (1 batch shards (data x fsdp) x train.device_batch 1)' in train.log
+  assert 'train.micro_batches = 8: train.batch_size 8 / (1 batch shards (data x fsdp x expert) x train.device_batch 1)' in train.log
   two = tmp_path / 'two_processes'
   shutil.copytree(saved, two)
   log = train_processes(two, 2, 2, 6, **{'mesh.data': 1, 'mesh.dcn_data': 2, 'mesh.fsdp': 1, 'mesh.tensor': 2,
