@@ -308,3 +308,29 @@ def test_streamed_text_is_complete_when_eos_ends_a_held_back_tail():
   events = eng.append_token(seq, EOS, 0.0, 2.0)
   assert events[0].finished and events[0].finish_reason == 'stop'
   assert streamed + events[0].text == 'Hello' == eng.result(0).text
+
+
+def test_ragged_decode_attention_equals_attention_over_page_tables():
+  """forward.Attend.ragged (the decode rows' pages back to back, as the engine builds them on CPU) against the
+  page-table reference (pallas_kernels' decode_attention_reference): rows of 0 to 27 tokens, GQA, padding
+  entries; an empty row gets lse -inf."""
+  from framework.inference import engine as engine_lib  # pylint: disable=g-import-not-at-top
+  from framework.inference.forward import Attend  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.decode_attention.reference import decode_attention_reference  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  num_pages, page, kv_heads, group, d = 40, 4, 2, 3, 8
+  k_layer, v_layer = (jnp.asarray(rng.normal(size=(num_pages, page, kv_heads, d)), jnp.float32) for _ in range(2))
+  lengths = np.array([0, 1, 4, 5, 13, 27], np.int32)
+  rows = [rng.choice(np.arange(1, num_pages), size=-(-n // page), replace=False).tolist() for n in lengths]
+  q = jnp.asarray(rng.normal(size=(len(rows), 1, kv_heads * group, d)), jnp.float32)
+  ragged = engine_lib._ragged(rows, page, cap=64)  # pylint: disable=protected-access
+  assert len(ragged['pages']) == 16 > sum(map(len, rows))  # 13 pages, padded to the bucket
+  out, lse = Attend('xla', None).ragged(q, k_layer, v_layer, ragged['pages'], ragged['page_row'],
+                                        ragged['page_start'], jnp.asarray(lengths))
+  width = max(map(len, rows))
+  table = engine_lib._table(rows, width)  # pylint: disable=protected-access
+  k, v = (x[table].reshape(len(rows), width * page, kv_heads, d) for x in (k_layer, v_layer))
+  ref_out, ref_lse = decode_attention_reference(q, k, v, jnp.asarray(lengths))
+  np.testing.assert_allclose(out[1:], ref_out[1:], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lse[1:], ref_lse[1:], rtol=1e-5, atol=1e-5)
+  assert np.all(np.isneginf(np.asarray(lse[0])))

@@ -56,6 +56,9 @@ class Engine:
     self.params = jax.device_put(params, self.param_shardings)
     self.cache = kv_cache.init_cache(self.model_cfg, num_pages, self.page_size, cache_sharding)
     self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
+    # The XLA attention takes the decode rows' pages as one ragged list (forward.Attend.ragged); the kernels,
+    # which stop at each row's length themselves, take a page table.
+    self._ragged = forward.resolve_attention(self.icfg.attention_impl, self.sharder.platform) == 'xla'
     self.scheduler = Scheduler(self.icfg, self.pool, inference_config.token_budget(cfg), self.max_pages)
     self.steps = 0
     self.tokens_generated = 0
@@ -249,11 +252,17 @@ class Engine:
     prefix_rows = [members[0].pages[:pages] for members, pages in groups]
     pre_rows = [seq.pages[:self.scheduler.pages_needed(seq.computed + n)] for seq, n in chunks]
     # One page-table width for every part of the step (and a fixed group count): fewer shapes to compile.
-    width = bucket(max(map(len, rows + prefix_rows + pre_rows)), self.max_pages)
-    dec['table'] = _table(rows, width)
+    width = bucket(max(map(len, (prefix_rows + pre_rows) if self._ragged else (rows + prefix_rows + pre_rows)),
+                       default=0), self.max_pages)
+    if self._ragged:
+      dec.update(_ragged(rows, ps, s * self.max_pages))
+    else:
+      dec['table'] = _table(rows, width)
     samples = [None] * s
     if chunks:
-      samples += [seq for seq, _ in chunks] + [None] * (self.icfg.prefill_rows - len(chunks))
+      # As many prefill rows as the step has chunks, in powers of two: a lone chunk does not pay for a padded row.
+      prefill_rows = bucket(len(chunks), self.icfg.prefill_rows)
+      samples += [seq for seq, _ in chunks] + [None] * (prefill_rows - len(chunks))
     for seq in decodes:
       samples[seq.slot] = seq
     batch = {'dec': dec, 'sample': self.sampling_arrays(samples)}
@@ -263,7 +272,7 @@ class Engine:
       batch['prefix'] = dict(table=_table(prefix_rows + [[]] * unused, width),
                              lengths=np.asarray(lengths, np.int32), groups=group_of)
     if chunks:
-      r, c = self.icfg.prefill_rows, self.icfg.prefill_chunk
+      r, c = prefill_rows, self.icfg.prefill_chunk
       pre = dict(tokens=np.zeros((r, c), np.int32), positions=np.zeros((r, c), np.int32),
                  write_page=np.zeros((r, c), np.int32), write_offset=np.zeros((r, c), np.int32),
                  lengths=np.zeros(r, np.int32))
@@ -304,6 +313,20 @@ def _table(rows, width: int) -> np.ndarray:
   for i, row in enumerate(rows):
     table[i, :len(row)] = row
   return table
+
+
+def _ragged(rows, page_size: int, cap: int) -> dict:
+  """The rows' pages back to back for forward.Attend.ragged, padded to a power of two of entries (so a step
+  compiles once per bucket) with entries that start past every length."""
+  n = bucket(sum(map(len, rows)), cap)
+  pages, page_row = np.zeros(n, np.int32), np.zeros(n, np.int32)
+  page_start = np.full(n, np.iinfo(np.int32).max // 2, np.int32)
+  j = 0
+  for i, row in enumerate(rows):
+    pages[j:j + len(row)], page_row[j:j + len(row)] = row, i
+    page_start[j:j + len(row)] = np.arange(len(row)) * page_size
+    j += len(row)
+  return dict(pages=pages, page_row=page_row, page_start=page_start)
 
 
 def _placed(params, sharder: Sharder) -> bool:

@@ -1,8 +1,8 @@
 """One jitted engine step: the decoder over a mixed batch of decode tokens and prefill chunks, against the paged
 KV cache, followed by sampling.
 
-The batch has fixed shapes: `slots` decode rows of one token each and (in a mixed step) `prefill_rows` rows of
-`prefill_chunk` prompt tokens, right-aligned (a short chunk is padded on the left; its padding writes to the
+The batch has fixed shapes: `slots` decode rows of one token each and (in a mixed step) a power of two, at most
+`prefill_rows`, of rows of `prefill_chunk` prompt tokens, right-aligned (a short chunk is padded on the left; its padding writes to the
 scratch page and its queries see nothing). All rows' tokens go through the projections and feed-forward layers
 as one matrix (Sarathi-Serve's piggybacking: decodes ride along with the prefill's matmuls); only attention is
 per row. Each layer first writes the new tokens' K and V into their pages, then every row attends over its own
@@ -13,7 +13,9 @@ Shared prefixes (Hydragen): a decode row in prefix group g attends to its own pa
 suffix table) and, separately, every decode query attends to each group's prefix pages in one matrix-matrix
 pass (`shared_prefix_attention`, the prefix read once per step for the whole group); the parts are merged
 exactly by their log-sum-exps. The attention's page-table width is whatever the caller's arrays have, so the
-engine buckets widths (powers of two) and each bucket compiles once.
+engine buckets widths (powers of two) and each bucket compiles once. With the XLA attention (CPU) the decode rows
+take a ragged page list instead (`Attend.ragged`): every row's pages back to back, its length bucketed, so a step
+reads the pages its rows hold rather than every row at the longest row's width.
 
 The layers are the training model's own modules (framework/models/transformer.py), applied to the stacked
 parameters one layer at a time: the same projections, RoPE, norms, SwiGLU and MoE as training.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -87,6 +90,33 @@ class Attend:
     v = v_layer[table].reshape(r, w * page, *v_layer.shape[2:])
     return decode(q, k, v, lengths)
 
+  def ragged(self, q, k_layer, v_layer, pages, page_row, page_start, lengths):
+    """Decode rows q [S, 1, H, D] over their own pages only: `pages` [N] lists every row's pages back to back
+    (row `page_row`, first position `page_start` within the row; padding entries start past any length). The
+    work follows the tokens the rows hold, not rows x the longest row as a page table's does; a row with no
+    pages gets lse -inf. Same results as `rows` (and `decode_attention`) for T = 1."""
+    s, _, h, d = q.shape
+    kv_heads, page = k_layer.shape[2], k_layer.shape[1]
+    group = h // kv_heads
+    k, v = k_layer[pages], v_layer[pages]  # [N, page, kv, D]
+    qg = q[:, 0].reshape(s, kv_heads, group, d)[page_row]  # each page's row query [N, kv, g, D]
+    scores = jnp.einsum('nkgd,npkd->nkgp', qg, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    valid = page_start[:, None] + jnp.arange(page)[None] < lengths[page_row][:, None]  # [N, page]
+    scores = jnp.where(valid[:, None, None], scores, -jnp.inf)
+    # Per-row reductions as a one-hot [N, S] (no scatter: XLA:CPU crashed on segment_sum under a tensor mesh).
+    mine = page_row[:, None] == jnp.arange(s)[None]
+    top = jnp.where(mine[..., None, None], scores.max(-1)[:, None], -jnp.inf).max(0)  # [S, kv, g]
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(scores - top[page_row][..., None])
+    onehot = mine.astype(jnp.float32)
+    total = jnp.einsum('ns,nkg->skg', onehot, weights.sum(-1))
+    v = jnp.where(valid[..., None, None], v, jnp.zeros((), v.dtype))  # 0 x garbage in unused slots is NaN
+    per_page = jnp.einsum('nkgp,npkd->nkgd', weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum('ns,nkgd->skgd', onehot, per_page)
+    out = out / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
+    lse = jnp.where(total > 0, top + jnp.log(total), -jnp.inf)
+    return out.reshape(s, 1, h, d).astype(q.dtype), lse.reshape(s, 1, h)
+
   def prefixes(self, q, k_layer, v_layer, tables, lengths, groups):
     """Each of G prefixes (pages tables [G, W], lengths [G]) against every query of q [R, 1, H, D]; the result
     counts for the rows whose `groups` entry is g and is empty (lse -inf) for the others."""
@@ -110,8 +140,9 @@ def make_step(model_cfg: ModelConfig, sharder, attention_impl: str):
   One per (model, mesh, attention), shared by every engine that serves them, so a new engine compiles nothing
   an earlier one already did. Parameters come placed on `sharder`'s mesh; the step keeps their layout.
 
-  batch (host-built, see framework/inference/engine.py): 'dec' {tokens, positions, table, lengths, write_page,
-  write_offset} [S, ...]; optional 'pre' {tokens, positions, write_page, write_offset [R, C], table [R, W],
+  batch (host-built, see framework/inference/engine.py): 'dec' {tokens, positions, lengths, write_page,
+  write_offset [S], and either table [S, W] or (with the XLA attention) the ragged page list pages, page_row,
+  page_start [N]}; optional 'pre' {tokens, positions, write_page, write_offset [R, C], table [R, W],
   lengths [R]}; optional 'prefix' {table [G, W], lengths [G], groups [S]}; 'sample' {temperature, top_k, top_p,
   seeds, counters} [S + R]. Output row r < S is decode row r, row S + j is prefill row j's last token.
   """
@@ -165,7 +196,11 @@ def run_layers(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, bat
     outs = []
     if dec is not None:
       q_dec = q[0, :s, None]  # [S, 1, H, D]
-      parts = [attend.rows(q_dec, k_layer, v_layer, dec['table'], dec['lengths'])]
+      if 'pages' in dec:
+        parts = [attend.ragged(q_dec, k_layer, v_layer, dec['pages'], dec['page_row'], dec['page_start'],
+                               dec['lengths'])]
+      else:
+        parts = [attend.rows(q_dec, k_layer, v_layer, dec['table'], dec['lengths'])]
       if prefix is not None:
         parts += attend.prefixes(q_dec, k_layer, v_layer, prefix['table'], prefix['lengths'], prefix['groups'])
       out = parts[0][0] if len(parts) == 1 else combine_lib.combine_attention(parts)[0]
