@@ -18,7 +18,7 @@ import numpy as np
 
 from framework import mesh as mesh_lib
 from framework.inference import config as inference_config
-from framework.inference import forward, kv_cache, loading, speculative
+from framework.inference import armt_forward, forward, kv_cache, loading, speculative
 from framework.inference.kv_cache import bucket
 from framework.inference.loading import model_config
 from framework.inference.requests import ByteCodec, Codec, Event, Request, Result, prompt_ids
@@ -55,11 +55,23 @@ class Engine:
         jax.tree.map(lambda a: a.sharding, loading.abstract_params(cfg, self.sharder))
     self.params = jax.device_put(params, self.param_shardings)
     self.cache = kv_cache.init_cache(self.model_cfg, num_pages, self.page_size, cache_sharding)
-    self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
+    self.armt = self.model_cfg.armt  # a recurrent-memory model: served segment by segment (armt_forward.py)
+    if self.armt is None:
+      self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
+    else:
+      if draft is not None:
+        raise ValueError('draft: speculative decoding serves the dense and MoE decoders, not the recurrent-memory '
+                         'model (armt.segment_len > 0); serve it without a draft')
+      step = armt_forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
+      self._step_fn = lambda params, cache, batch: step(params, cache, self.memory, batch)
+      self._write_fn = armt_forward.make_write(self.model_cfg, self.sharder, self.icfg.attention_impl)
+      self.memory = armt_forward.init_memory(self.model_cfg, self.icfg.slots)
+      self.memory_writes = 0
     # The XLA attention takes the decode rows' pages as one ragged list (forward.Attend.ragged); the kernels,
     # which stop at each row's length themselves, take a page table.
     self._ragged = forward.resolve_attention(self.icfg.attention_impl, self.sharder.platform) == 'xla'
-    self.scheduler = Scheduler(self.icfg, self.pool, inference_config.token_budget(cfg), self.max_pages)
+    segment = None if self.armt is None else (self.armt.segment_len, self.armt.memory_tokens)
+    self.scheduler = Scheduler(self.icfg, self.pool, inference_config.token_budget(cfg), self.max_pages, segment)
     self.steps = 0
     self.tokens_generated = 0
     self.prefix_steps = 0  # decode steps that read a shared prefix once for its group
@@ -82,7 +94,7 @@ class Engine:
       raise ValueError(f'max_tokens: {params.max_tokens} is over this engine\'s limit of '
                        f'{self.icfg.max_tokens_limit} (inference.max_tokens_limit)')
     max_new = min(params.max_tokens, self.max_seq_len - len(ids))
-    need = self.scheduler.pages_needed(len(ids) + max_new)
+    need = self.scheduler.pages_for(len(ids) + max_new)
     if need > self.pool.capacity:
       raise ValueError(f'max_tokens: the prompt ({len(ids)} tokens) and {max_new} new tokens need {need} KV '
                        f'pages but the pool has {self.pool.capacity}; lower max_tokens or raise '
@@ -183,7 +195,32 @@ class Engine:
       sched.register_computed(seq)
       if seq.pending == 0:
         events += self.append_token(seq, int(tokens[s + j]), float(logprobs[s + j]), t)
+    if self.armt is not None and self.armt.memory:
+      self._write_memory([seq for seq in decodes + [c for c, _ in chunks]
+                          if seq.slot is not None and seq.computed % self.armt.segment_len == 0])
     return events
+
+  def _write_memory(self, seqs) -> None:
+    """Writes the sequences' just completed segments into their slots' memory (armt_forward.make_write)."""
+    if not seqs:
+      return
+    ps, seg, m = self.page_size, self.armt.segment_len, self.armt.memory_tokens
+    k = bucket(len(seqs), self.icfg.slots)
+    width = self.scheduler.pages_needed(seg + m)
+    pos = np.arange(seg, seg + m)
+    pre = dict(positions=np.tile(pos, (k, 1)).astype(np.int32), write_page=np.zeros((k, m), np.int32),
+               write_offset=np.zeros((k, m), np.int32), lengths=np.zeros(k, np.int32))
+    info = dict(pre_slot=np.full(k, self.icfg.slots, np.int32), pre_first=np.zeros(k, bool))
+    rows = []
+    for j, seq in enumerate(seqs):
+      pre['write_page'][j] = np.asarray(seq.pages)[pos // ps]
+      pre['write_offset'][j] = pos % ps
+      pre['lengths'][j] = seg + m
+      info['pre_slot'][j], info['pre_first'][j] = seq.slot, seq.computed == seg
+      rows.append(seq.pages[:width])
+    pre['table'] = _table(rows + [[]] * (k - len(seqs)), width)
+    self.cache, self.memory = self._write_fn(self.params, self.cache, self.memory, {'pre': pre, 'armt': info})
+    self.memory_writes += len(seqs)
 
   def append_token(self, seq: Sequence, token: int, logprob: float, t: float) -> list[Event]:
     p = seq.params
@@ -241,16 +278,17 @@ class Engine:
                write_page=np.zeros(s, np.int32), write_offset=np.zeros(s, np.int32))
     rows = [[] for _ in range(s)]
     group_of = np.full(s, -1, np.int32)
+    kv_pos = self.scheduler.kv_pos  # a token's place in its pages, and its RoPE position
     for seq in decodes:
-      i, pos = seq.slot, seq.computed
+      i, pos = seq.slot, kv_pos(seq.computed)
       g, skipped = skip.get(id(seq), (-1, 0))
-      dec['tokens'][i], dec['positions'][i] = seq.tokens[pos], pos
+      dec['tokens'][i], dec['positions'][i] = seq.tokens[seq.computed], pos
       dec['write_page'][i], dec['write_offset'][i] = seq.pages[pos // ps], pos % ps
       dec['lengths'][i] = pos + 1 - skipped * ps
       rows[i] = seq.pages[skipped:self.scheduler.pages_needed(pos + 1)]
       group_of[i] = g
     prefix_rows = [members[0].pages[:pages] for members, pages in groups]
-    pre_rows = [seq.pages[:self.scheduler.pages_needed(seq.computed + n)] for seq, n in chunks]
+    pre_rows = [seq.pages[:self.scheduler.pages_needed(kv_pos(seq.computed) + n)] for seq, n in chunks]
     # One page-table width for every part of the step (and a fixed group count): fewer shapes to compile.
     width = bucket(max(map(len, (prefix_rows + pre_rows) if self._ragged else (rows + prefix_rows + pre_rows)),
                        default=0), self.max_pages)
@@ -277,14 +315,25 @@ class Engine:
                  write_page=np.zeros((r, c), np.int32), write_offset=np.zeros((r, c), np.int32),
                  lengths=np.zeros(r, np.int32))
       for j, (seq, n) in enumerate(chunks):
-        pos = np.arange(seq.computed, seq.computed + n)
+        pos = kv_pos(seq.computed) + np.arange(n)  # a segment model's chunk never crosses a segment end
         pre['tokens'][j, c - n:] = seq.tokens[seq.computed:seq.computed + n]
         pre['positions'][j, c - n:] = pos
         pre['write_page'][j, c - n:] = np.asarray(seq.pages)[pos // ps]
         pre['write_offset'][j, c - n:] = pos % ps
-        pre['lengths'][j] = seq.computed + n
+        pre['lengths'][j] = pos[-1] + 1
       pre['table'] = _table(pre_rows + [[]] * (r - len(chunks)), width)
       batch['pre'] = pre
+    if self.armt is not None:
+      seg = self.armt.segment_len
+      info = dict(dec_first=np.zeros(s, bool))
+      for seq in decodes:
+        info['dec_first'][seq.slot] = seq.computed < seg
+      if chunks:
+        info['pre_slot'] = np.full(prefill_rows, self.icfg.slots, np.int32)
+        info['pre_first'] = np.zeros(prefill_rows, bool)
+        for j, (seq, _) in enumerate(chunks):
+          info['pre_slot'][j], info['pre_first'][j] = seq.slot, seq.computed < seg
+      batch['armt'] = info
     return batch
 
   def sampling_arrays(self, seqs) -> dict:

@@ -154,8 +154,14 @@ def make_step(model_cfg: ModelConfig, sharder, attention_impl: str):
 
 
 def _step(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
-  s = batch['dec']['tokens'].shape[0]
   cache, x = run_layers(cfg, sh, attend, params, cache, batch)
+  return sample_last(cfg, params, cache, x, batch)
+
+
+def sample_last(cfg: ModelConfig, params, cache: KVCache, x, batch):
+  """(cache, tokens, logprobs): samples every decode row and each prefill row's last token from the layers'
+  output x [N, d]."""
+  s = batch['dec']['tokens'].shape[0]
   last = [x[:s]]
   pre = batch.get('pre')
   if pre is not None:
@@ -178,15 +184,36 @@ def head_logits(cfg: ModelConfig, params, x):
 def run_layers(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, batch):
   """Every layer over the step's tokens (the 'dec' rows, if any, then the 'pre' rows flattened), writing their
   K and V into the cache: (cache, hidden states [N, d] before the final norm)."""
+  block = layer_block(cfg, sh, attend, batch)
+  x = embed(cfg, sh, params, step_tokens(batch))
+  x, cache = _layers(cfg, sh, params['layers'], x, cache, block)
+  return cache, x[0]
+
+
+def step_tokens(batch) -> jax.Array:
+  """The step's tokens in row order, as `layer_block` sees them: the 'dec' rows, then the 'pre' rows flattened."""
+  return _flat(batch, 'tokens')
+
+
+def embed(cfg: ModelConfig, sh, params, tokens) -> jax.Array:
+  """[1, N, d]: every token of the step as one sequence."""
+  table = sh.constrain(params['embedding'], (None, 'act_embed'))
+  return jnp.take(table, tokens, axis=0)[None]
+
+
+def _flat(batch, name):
+  dec, pre = batch.get('dec'), batch.get('pre')
+  return jnp.concatenate(([dec[name]] if dec is not None else []) +
+                         ([pre[name].reshape(-1)] if pre is not None else []))
+
+
+def layer_block(cfg: ModelConfig, sh, attend: Attend, batch):
+  """`block(p, x [1, N, d], kv, layer, use_moe) -> (x, kv)`: one decoder layer (its parameters p) over the
+  step's rows of `batch` ('dec', 'pre', 'prefix'), its attention writing the new K and V into the cache first."""
   dec, pre, prefix = batch.get('dec'), batch.get('pre'), batch.get('prefix')
   s = 0 if dec is None else dec['tokens'].shape[0]
-  flat = lambda name: jnp.concatenate(([dec[name]] if dec is not None else []) +
-                                      ([pre[name].reshape(-1)] if pre is not None else []))
-  tokens, positions = flat('tokens'), flat('positions')
-  write_page, write_offset = flat('write_page'), flat('write_offset')
-  table = sh.constrain(params['embedding'], (None, 'act_embed'))
-  x = jnp.take(table, tokens, axis=0)[None]  # [1, N, d]: every token of the step as one sequence
-  positions = positions[None]
+  positions = _flat(batch, 'positions')[None]
+  write_page, write_offset = _flat(batch, 'write_page'), _flat(batch, 'write_offset')
 
   def attention(q, k, v, kv, layer):
     k_all = kv.k.at[layer, write_page, write_offset].set(k[0].astype(kv.k.dtype))
@@ -206,7 +233,7 @@ def run_layers(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, bat
       out = parts[0][0] if len(parts) == 1 else combine_lib.combine_attention(parts)[0]
       outs.append(out.reshape(s, h, d))
     if pre is not None:
-      q_pre = q[0, s:].reshape(*pre['tokens'].shape, h, d)
+      q_pre = q[0, s:].reshape(*pre['positions'].shape, h, d)
       outs.append(attend.rows(q_pre, k_layer, v_layer, pre['table'], pre['lengths'])[0].reshape(-1, h, d))
     return jnp.concatenate(outs)[None], KVCache(k_all, v_all)
 
@@ -224,8 +251,7 @@ def run_layers(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, bat
       y = SwiGLU(cfg, sh).apply({'params': p['mlp']}, h)
     return x + y.astype(x.dtype), kv
 
-  x, cache = _layers(cfg, sh, params['layers'], x, cache, block)
-  return cache, x[0]
+  return block
 
 
 def _layers(cfg: ModelConfig, sh, layer_params, x, cache: KVCache, block):

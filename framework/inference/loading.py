@@ -23,20 +23,21 @@ from framework.models.moe_config import MoEConfig
 _MODEL_FIELDS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'rope_theta',
                  'norm_eps', 'tie_embeddings', 'param_dtype')
 _MOE_FIELDS = ('num_experts', 'top_k', 'd_ff_expert', 'every', 'shared_experts', 'router', 'normalize_top_k')
+_ARMT_FIELDS = ('segment_len', 'memory_tokens', 'd_mem', 'memory')
 
 
 def model_config(cfg) -> ModelConfig:
-  if ARMTConfig.from_config(cfg) is not None:
-    raise ValueError('config armt: the inference engine serves the dense and MoE decoders; the recurrent-memory '
-                     'model (armt.memory_tokens > 0) is not supported by it yet')
-  return ModelConfig.from_config(cfg.model, MoEConfig.from_config(cfg, 1))
+  """The served model: the dense or MoE decoder, or the recurrent-memory model when armt.segment_len > 0."""
+  return ModelConfig.from_config(cfg.model, MoEConfig.from_config(cfg, 1), ARMTConfig.from_config(cfg))
 
 
 def abstract_params(cfg, sharder: Sharder):
   """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves) with their shardings on `sharder`'s mesh,
   from their logical axis names as training derives them."""
+  from framework.models.armt import ARMT  # pylint: disable=g-import-not-at-top
   from framework.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
-  model = Transformer(model_config(cfg), Sharder(None, sharder.rules))
+  model_cfg = model_config(cfg)
+  model = (Transformer if model_cfg.armt is None else ARMT)(model_cfg, Sharder(None, sharder.rules))
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, dummy, dummy))['params']
   shardings = sharder.tree_shardings(nn.get_partition_spec(boxed))
@@ -44,14 +45,17 @@ def abstract_params(cfg, sharder: Sharder):
 
 
 def check_saved_model(cfg, saved: dict) -> None:
-  """Raises ValueError naming the first model or moe field where `cfg` and the run's saved config disagree."""
-  for section, fields in (('model', _MODEL_FIELDS), ('moe', _MOE_FIELDS)):
+  """Raises ValueError naming the first model, moe or armt field where `cfg` and the run's saved config
+  disagree."""
+  for section, fields in (('model', _MODEL_FIELDS), ('moe', _MOE_FIELDS), ('armt', _ARMT_FIELDS)):
     theirs = saved.get(section, {})
     for field in fields:
       if field not in theirs:
         continue
       mine = cfg[section][field]
       if section == 'moe' and not cfg.moe.num_experts and not theirs.get('num_experts'):
+        continue
+      if section == 'armt' and not cfg.armt.segment_len and not theirs.get('segment_len'):
         continue
       if mine != theirs[field]:
         raise ValueError(f'{section}.{field}: the checkpoint was trained with {theirs[field]!r} but the config '

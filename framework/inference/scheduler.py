@@ -48,10 +48,16 @@ class Sequence:
 
 
 class Scheduler:
-  """Waiting and running sequences over `slots` slots and one page pool."""
+  """Waiting and running sequences over `slots` slots and one page pool.
 
-  def __init__(self, icfg, pool: PagePool, budget: int, max_pages: int):
+  `segment`: (segment_len, memory_tokens) of a recurrent-memory model (framework/inference/armt_forward.py): a
+  sequence's pages then hold its current segment only (and the segment's memory rows), chunks stop at segment
+  ends, and prompt pages are not shared (a segment's K and V depend on the whole sequence before it)."""
+
+  def __init__(self, icfg, pool: PagePool, budget: int, max_pages: int, segment: tuple[int, int] | None = None):
     self.icfg, self.pool, self.budget, self.max_pages = icfg, pool, budget, max_pages
+    self.segment = segment
+    self.sharing = icfg.prefix_sharing and segment is None
     self.waiting: list[Sequence] = []
     self.slots: list[Sequence | None] = [None] * icfg.slots
     self._admissions = 0
@@ -69,6 +75,18 @@ class Scheduler:
 
   def pages_needed(self, length: int) -> int:
     return -(-length // self.pool.page_size)
+
+  def pages_for(self, length: int) -> int:
+    """Pages a sequence of `length` tokens holds (with a segment model: its segment, and the memory rows once
+    a segment can complete)."""
+    if self.segment is None:
+      return self.pages_needed(length)
+    seg, memory = self.segment
+    return self.pages_needed(min(length, seg) + (memory if length >= seg else 0))
+
+  def kv_pos(self, pos: int) -> int:
+    """Where token `pos` of a sequence sits in its pages (and its RoPE position)."""
+    return pos if self.segment is None else pos % self.segment[0]
 
   # --- admission -----------------------------------------------------------------------------------------------
 
@@ -89,7 +107,7 @@ class Scheduler:
   def _try_admit(self, seq: Sequence) -> str:
     ps = self.pool.page_size
     shared = []
-    if self.icfg.prefix_sharing:
+    if self.sharing:
       # Full pages of the prompt, but never the page holding its last token: that token must run to be sampled.
       count = min(len(seq.prompt), len(seq.tokens) - 1) // ps
       if len(seq.keys) != count:
@@ -101,7 +119,7 @@ class Scheduler:
             return 'defer'  # another sequence is computing this page now: wait for it rather than compute it twice
           break
         shared.append(page)
-    need = self.pages_needed(len(seq.tokens)) - len(shared)
+    need = self.pages_for(len(seq.tokens)) - len(shared)
     running = bool(self.running)
     if need + (self.reserve if running else 0) > self.pool.free:
       return 'full'
@@ -128,6 +146,8 @@ class Scheduler:
       if len(chunks) == self.icfg.prefill_rows or left <= 0:
         break
       n = min(seq.pending, self.icfg.prefill_chunk, left)
+      if self.segment is not None:  # the memory is written between segments
+        n = min(n, self.segment[0] - seq.computed % self.segment[0])
       chunks.append((seq, n))
       left -= n
     return decodes, chunks
@@ -138,7 +158,7 @@ class Scheduler:
     for seq in sorted(decodes, key=lambda s: s.admitted):
       if seq.slot is None:  # preempted below, by an older one
         continue
-      while seq.computed // self.pool.page_size >= len(seq.pages):
+      while self.pages_for(seq.computed + 1) > len(seq.pages):
         page = self.pool.allocate(1)
         if page is not None:
           seq.pages += page
@@ -169,7 +189,7 @@ class Scheduler:
 
   def register_computed(self, seq: Sequence) -> None:
     """Offers the prompt pages `seq` has finished computing for sharing."""
-    if not self.icfg.prefix_sharing:
+    if not self.sharing:
       return
     done = min(seq.computed // self.pool.page_size, len(seq.keys))
     for j in range(done):
@@ -184,7 +204,7 @@ class Scheduler:
     """Up to inference.prefix_groups groups of decodes sharing their first pages: (members, shared pages).
 
     Groups are chosen by the prefix reads they save, (members - 1) x shared pages."""
-    if not (self.icfg.prefix_sharing and self.icfg.prefix_groups):
+    if not (self.sharing and self.icfg.prefix_groups):
       return []
     by_first: dict[int, list[Sequence]] = {}
     for seq in decodes:

@@ -151,7 +151,10 @@ def check_pair(cfg, draft_cfg) -> None:
   if draft_cfg.model.vocab_size != cfg.model.vocab_size:
     raise ValueError(f'draft model.vocab_size: {draft_cfg.model.vocab_size} but the target has '
                      f'{cfg.model.vocab_size}; a draft must share the target\'s tokenizer and vocabulary')
-  loading.model_config(draft_cfg)  # dense or MoE decoders only
+  for name, c in (('', cfg), ('draft ', draft_cfg)):
+    if c.armt.segment_len:
+      raise ValueError(f'{name}armt.segment_len: speculative decoding serves the dense and MoE decoders, not the '
+                       'recurrent-memory model; serve it without a draft')
 
 
 class Speculator:
