@@ -1,5 +1,6 @@
 """Every test runs on 8 fake CPU devices so sharding is exercised without hardware."""
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -17,25 +18,19 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same small programs (the same toy model in a fresh Trainer, a run and its resume): a
 # persistent compilation cache for this session turns the repeats into cache reads (the suite runs ~2x faster).
 # XLA keys an entry on the program and its compile options, so a hit is the same executable.
-_MIN_COMPILE_SECS = 0.5
 _CACHE_DIR = tempfile.mkdtemp(prefix="batchax-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECS)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-@pytest.fixture(autouse=True)
-def _cache_writes(request):
-  """Modules marked no_cache_writes compile without writing the persistent cache. Late in the full suite (never
-  in a module run alone), XLA:CPU segfaulted serializing the inference engine's step for the cache (inside
-  jax's put_executable_and_time); the engine's steps are shared in-process (forward.make_step), so the cache
-  saves them nothing."""
-  if request.node.get_closest_marker('no_cache_writes') is None:
-    yield
-    return
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e9)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECS)
+@pytest.fixture(autouse=True, scope="module")
+def _release_executables():
+  """Drops the compiled programs after each test module. Every XLA:CPU executable maps its code into the
+  process, and the full suite in one process ran past Linux's default of 65,530 memory maps
+  (vm.max_map_count): XLA then segfaulted compiling or serializing the next program (reproduced by taking 62,000
+  maps before one test). Freed executables unmap; the persistent cache above turns the recompiles into reads."""
+  yield
+  jax.clear_caches()
+  gc.collect()

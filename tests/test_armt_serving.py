@@ -21,8 +21,6 @@ from framework.models.armt import ARMT
 from framework.models.armt_config import ARMTConfig
 from framework.train import Trainer
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 EOS = 2
 SEG, MEM = 12, 3
 
@@ -99,6 +97,17 @@ def test_greedy_equals_full_recompute_across_segments():
   assert eng.memory_writes >= sum((len(q.tokens) + len(r.tokens) - 2) // SEG for q, r in zip(reqs, results)) > 0
   assert stats['preemptions'] > 0 and stats['kv_pages_used'] == 0, stats
   assert stats['kv_pages_peak'] <= 9 and stats['shared_pages'] == 0
+
+
+def test_tensor_parallel_equals_full_recompute():
+  cfg = armt_cfg()
+  cfg.mesh.update(data=1, tensor=2)
+  _, params = model(armt_cfg())
+  eng = Engine(cfg, params, sharder=serving_sharder(cfg, jax.devices()[:2]))
+  assert eng.cache.k.sharding.spec[3] == 'tensor'  # kv heads split
+  reqs = requests()[2:6]
+  for r, q in zip(eng.generate(reqs), reqs):
+    assert r.tokens == full_recompute(cfg, q.tokens, q.sampling.max_tokens)[0], r.id
 
 
 def test_memory_changes_the_tokens():

@@ -11,8 +11,6 @@ from framework.inference.sampling import SamplingParams
 from serving_setup import OVERRIDES, expected, save_run, small_cfg
 from serving_setup import launch as launch_module
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 
 def launch(*args, timeout=300):
   return launch_module('launch.generate', '--progress', *args, timeout=timeout)

@@ -18,8 +18,6 @@ from framework.mesh import make_sharder
 from framework.tokenizer import ByteTokenizer
 from framework.train import Trainer
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 pytest.importorskip('safetensors')
 pytest.importorskip('tokenizers')
 

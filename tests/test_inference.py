@@ -18,8 +18,6 @@ from framework.inference.sampling import SamplingParams
 from framework.mesh import make_sharder
 from framework.train import Trainer
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 EOS = 2
 
 

@@ -8,8 +8,6 @@ from framework.inference import hf_format, openai_api
 from framework.inference.openai_api import ApiError
 from framework.inference.requests import ByteCodec, Result
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 
 def parse(body):
   return openai_api.parse_completion(body, 'm', max_tokens=20)

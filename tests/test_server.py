@@ -17,8 +17,6 @@ import pytest
 
 from serving_setup import OVERRIDES, REPO, expected, launch, launcher_env, save_run
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 CONTEXT = 1024
 TEMPLATE = '{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:'
 

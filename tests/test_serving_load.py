@@ -6,8 +6,6 @@ import pytest
 
 from launch import bench_serving
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 
 def test_workload_is_heavy_tailed_fits_the_context_and_shares_prefixes():
   bodies = bench_serving.workload(1000, seed=0)

@@ -14,8 +14,6 @@ from framework.mesh import make_sharder
 from framework.train import Trainer
 from serving_setup import small_cfg
 
-pytestmark = pytest.mark.no_cache_writes  # see tests/conftest.py
-
 _CACHE = {}
 
 

@@ -6,7 +6,9 @@
 
 Each `step()` admits waiting requests into free slots, plans the step (framework/inference/scheduler.py), runs
 the jitted step (framework/inference/forward.py) once, and turns the sampled tokens into events. A finished
-sequence frees its slot and pages at once; a waiting request takes them on the next step.
+sequence frees its slot and pages at once; a waiting request takes them on the next step. An ARMT model
+(armt.segment_len > 0) runs through framework/inference/armt_forward.py instead: the same plan and batch, with
+positions within the current segment, and each completed segment written into its slot's memory after the step.
 """
 from __future__ import annotations
 
