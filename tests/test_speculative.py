@@ -52,7 +52,7 @@ def workload(n, order=0, **sampling):
 
 
 @pytest.mark.parametrize('requests, slots, draft', [
-    (1, 1, 'noisy'), (5, 4, 'noisy'), (32, 32, 'noisy'), (12, 8, 'small'),
+    (1, 1, 'noisy'), (5, 4, 'noisy'), pytest.param(32, 32, 'noisy', marks=pytest.mark.slow), (12, 8, 'small'),
 ], ids=['batch1', 'batch4', 'batch32', 'small_draft'])
 def test_greedy_equals_non_speculative(requests, slots, draft):
   reqs = workload(requests)
