@@ -2,10 +2,12 @@
 static vs continuous batching, prefix sharing and speculative decoding leave greedy outputs unchanged, and that
 the HTTP server answers what the engine does. Here: its figures against the checkpoint it left, read anew."""
 import jax
+import pytest
 
 from notebook_runner import run_notebook
 
 
+@pytest.mark.slow  # about 2 minutes on 2 cores; the default suite stays under 15
 def test_batched_inference_notebook(tmp_path):
   from configs import lm_tiny
   from framework.inference.engine import Engine, serving_sharder
