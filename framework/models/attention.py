@@ -43,28 +43,39 @@ def xla_attention(q, k, v, *, segment_ids=None, causal=True, sm_scale=None, bloc
   Causal self-attention runs block by block over the queries, each block against the keys up to its last row,
   so the score matrices skip most of the masked upper triangle (about 5/8 of the work at 4 blocks) while each
   block is still one softmax, exact, with no merging. block_q: rows per block (default causal_block_rows(s)).
+
+  The blocks work head-major (q [b, kv, g, s, d], k/v [b, kv, t, d]), transposed once here, and a query group's
+  g x s rows go through each dot as one matrix. On the 2-core CPU, forward + backward at 4 x 1024 tokens, 8 heads
+  over 2 KV heads: 254-265 -> 215-226 ms; without grouping (lm_small, 16 x 256, 8 heads) no change (98-106 ms).
   """
-  s, t = q.shape[1], k.shape[1]
+  b, s, h, d = q.shape
+  t, kv = k.shape[1], k.shape[2]
+  qh = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if not causal or s != t:
-    return _attention_block(q, k, v, segment_ids, segment_ids, causal=causal, q_start=0, sm_scale=sm_scale)
-  block = block_q or causal_block_rows(s)
-  outs = []
-  for start in range(0, s, block):
-    stop = min(start + block, s)
-    seg_q = None if segment_ids is None else segment_ids[:, start:stop]
-    seg_k = None if segment_ids is None else segment_ids[:, :stop]
-    outs.append(_attention_block(q[:, start:stop], k[:, :stop], v[:, :stop], seg_q, seg_k, causal=True,
-                                 q_start=start, sm_scale=sm_scale))
-  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    out = _attention_block(qh, kh, vh, segment_ids, segment_ids, causal=causal, q_start=0, sm_scale=sm_scale)
+  else:
+    block = block_q or causal_block_rows(s)
+    outs = []
+    for start in range(0, s, block):
+      stop = min(start + block, s)
+      seg_q = None if segment_ids is None else segment_ids[:, start:stop]
+      seg_k = None if segment_ids is None else segment_ids[:, :stop]
+      outs.append(_attention_block(qh[:, :, :, start:stop], kh[:, :, :stop], vh[:, :, :stop], seg_q, seg_k,
+                                   causal=True, q_start=start, sm_scale=sm_scale))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def _attention_block(q, k, v, seg_q, seg_k, *, causal, q_start, sm_scale):
-  """Query rows q_start.. of the sequence against keys 0..t-1, one softmax over the keys."""
-  b, s, h, d = q.shape
-  kv, t = k.shape[2], k.shape[1]
+  """Query rows q_start.. (q [b, kv, g, s, d]) against keys 0..t-1 (k/v [b, kv, t, d]), one softmax over the
+  keys; the result [b, kv, g, s, d]."""
+  b, kv, g, s, d = q.shape
+  t = k.shape[2]
   scale = sm_scale if sm_scale is not None else d ** -0.5
-  qg = q.reshape(b, s, kv, h // kv, d)
-  scores = jnp.einsum('bskgd,btkd->bkgst', qg, k, preferred_element_type=jnp.float32) * scale
+  rows = q.reshape(b, kv, g * s, d)
+  scores = jnp.einsum('bkqd,bktd->bkqt', rows, k, preferred_element_type=jnp.float32).reshape(b, kv, g, s, t)
+  scores = scores * scale
   mask = jnp.ones((b, 1, 1, s, t), bool)
   if causal:
     mask &= ((q_start + jnp.arange(s))[:, None] >= jnp.arange(t)[None, :])[None, None, None]
@@ -73,8 +84,8 @@ def _attention_block(q, k, v, seg_q, seg_k, *, causal, q_start, sm_scale):
   scores = jnp.where(mask, scores, -1e30)
   probs = jax.nn.softmax(scores, axis=-1)
   probs = jnp.where(mask, probs, 0.0)  # rows with no visible key give zeros, not a uniform average
-  out = jnp.einsum('bkgst,btkd->bskgd', probs.astype(v.dtype), v)
-  return out.reshape(b, s, h, d)
+  out = jnp.einsum('bkqt,bktd->bkqd', probs.reshape(b, kv, g * s, t).astype(v.dtype), v)
+  return out.reshape(b, kv, g, s, d)
 
 
 def _cudnn_attention(q, k, v, *, segment_ids, causal):
