@@ -30,7 +30,10 @@ def _release_executables():
   """Drops the compiled programs after each test module. Every XLA:CPU executable maps its code into the
   process, and the full suite in one process ran past Linux's default of 65,530 memory maps
   (vm.max_map_count): XLA then segfaulted compiling or serializing the next program (reproduced by taking 62,000
-  maps before one test). Freed executables unmap; the persistent cache above turns the recompiles into reads."""
+  maps before one test). Freed executables unmap; the persistent cache above turns the recompiles into reads.
+  The heap keeps what it frees (framework/host_memory.py), so its free pages go back too."""
   yield
   jax.clear_caches()
   gc.collect()
+  from framework import host_memory
+  host_memory.release_free_memory()
