@@ -179,9 +179,13 @@ def kernels_suite(quick: bool) -> None:
             f"{r['baseline']} | {r['baseline_time_ms']:.3f} | {r['vs_baseline']:.2f}x |")
 
 
+# Suites that time training steps, which get the training host memory policy (runtime_flags --host_memory).
+TRAINING_SUITES = ('train', 'moe', 'noise_scale', 'diagonal')
+
+
 def main(argv):
   del argv
-  runtime_flags.exit_on_user_error(runtime_flags.apply)
+  runtime_flags.exit_on_user_error(runtime_flags.apply, _SUITE.value not in TRAINING_SUITES)
   if _SUITE.value in ('train', 'all'):
     runtime_flags.exit_on_user_error(train_suite, _CONFIG.value)
   if _SUITE.value in ('kernels', 'all'):

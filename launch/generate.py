@@ -170,4 +170,4 @@ def run() -> dict:
 
 
 if __name__ == '__main__':
-  app.run(runtime_flags.main_of(run), flags_parser=runtime_flags.parse_flags)
+  app.run(runtime_flags.main_of(run, serving=True), flags_parser=runtime_flags.parse_flags)

@@ -19,14 +19,23 @@ PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (with --coordi
 DISTRIBUTED_AUTO = flags.DEFINE_bool('distributed_auto', False,
                                      'Join a multi-process job described by the environment (TPU pod, SLURM).')
 DISTRIBUTED_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every process.')
+HOST_MEMORY = flags.DEFINE_enum(
+    'host_memory', 'auto', ['auto', 'keep', 'system'],
+    'Host allocator policy (framework/host_memory.py). keep: one glibc arena that reuses freed memory (no page '
+    'faults for XLA:CPU\'s per-step temporaries; training 3.7 -> 3.2 s/step on lm_small); system: glibc defaults '
+    '(faster for serving); auto: keep for training, system for serving.')
 HEARTBEAT_TIMEOUT = flags.DEFINE_integer('distributed_heartbeat_timeout', 100, 'A process silent this many seconds '
                                          '(killed, its host lost) stops the whole job with an error.')
 
 
-def apply() -> None:
-  """Call first in main(), before anything touches a device."""
+def apply(serving: bool = False) -> None:
+  """Call first in main(), before anything touches a device. serving: the launcher runs the inference engine (the
+  host memory policy's 'auto' choice)."""
   if CPU_DEVICES.value < 0:
     raise ValueError(f'--cpu_devices must be >= 0, got {CPU_DEVICES.value}')
+  if HOST_MEMORY.value == 'keep' or (HOST_MEMORY.value == 'auto' and not serving):
+    from framework import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.keep_freed_memory()  # before jax's CPU client starts its threads
   if CPU_DEVICES.value:
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', CPU_DEVICES.value)
@@ -52,15 +61,16 @@ def exit_on_user_error(fn, *args, errors: tuple = (), **kwargs):
     sys.exit(f'error: {" ".join(str(e).splitlines())}')
 
 
-def main_of(run):
-  """A launcher's absl main(): no stray arguments, other libraries' INFO lines quiet, the runtime set up, then
-  `run()`, with one line on stderr for any error a user can cause. Use as app.run(main_of(run), ...)."""
+def main_of(run, serving: bool = False):
+  """A launcher's absl main(): no stray arguments, other libraries' INFO lines quiet, the runtime set up (serving:
+  as for apply), then `run()`, with one line on stderr for any error a user can cause. Use as
+  app.run(main_of(run), ...)."""
   def main(argv):
     if len(argv) > 1:
       from absl import app  # pylint: disable=g-import-not-at-top
       raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().python_handler.addFilter(only_our_info)
-    exit_on_user_error(apply)
+    exit_on_user_error(apply, serving)
     exit_on_user_error(run)
   return main
 

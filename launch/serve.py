@@ -85,4 +85,4 @@ def _server(config, worker, name):
 
 
 if __name__ == '__main__':
-  app.run(runtime_flags.main_of(run), flags_parser=runtime_flags.parse_flags)
+  app.run(runtime_flags.main_of(run, serving=True), flags_parser=runtime_flags.parse_flags)
