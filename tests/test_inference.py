@@ -42,7 +42,9 @@ def model(cfg):
   """(trainer, params) of a randomly initialised model on one device (cached per model shape)."""
   key = (cfg.model.to_json(), cfg.moe.to_json())
   if key not in _MODELS:
-    trainer = Trainer(cfg, make_sharder(cfg, jax.devices()[:1]))
+    one = cfg.copy_and_resolve_references()
+    one.mesh.update(data=1, fsdp=1, expert=1, tensor=1)  # whatever mesh the engine will serve on
+    trainer = Trainer(one, make_sharder(one, jax.devices()[:1]))
     _MODELS[key] = trainer, trainer.init(jax.random.key(0)).params
   return _MODELS[key]
 
@@ -231,8 +233,31 @@ def test_tensor_parallel_engine_equals_one_device():
   reqs = workload(6, 6)
   tp = engine(cfg, jax.devices()[:2])
   assert tp.cache.k.sharding.spec[3] == 'tensor'  # kv heads split
+  assert tuple(tp.params['layers'][0]['attn']['wq'].sharding.spec) == ('fsdp', 'tensor', None)  # per layer, split
   one = small_cfg()
   assert [r.tokens for r in tp.generate(reqs)] == [r.tokens for r in engine(one).generate(reqs)]
+
+
+@pytest.mark.parametrize('moe_every', [0, 2], ids=['dense', 'moe_every2'])
+def test_per_layer_weights_equal_the_stacked_loop(moe_every):
+  """On CPU the engine holds each layer's weights on their own (forward.serving_params, layers unrolled in the
+  step); with model.scan_unroll=1 it keeps the stacks and loops, as on GPU and TPU. Same tokens and logprobs."""
+  cfg = small_cfg(moe_every)
+  rolled = small_cfg(moe_every)
+  rolled.model.scan_unroll = 1
+  params = jax.device_get(model(cfg)[1])
+  engines = [Engine(c, params, sharder=serving_sharder(c, jax.devices()[:1])) for c in (cfg, rolled)]
+  assert isinstance(engines[0].params['layers'], tuple) and len(engines[0].params['layers']) == 2
+  assert not isinstance(engines[1].params['layers'], tuple)
+  if moe_every:  # depth order: the group's dense layer, then its MoE layer
+    assert 'mlp' in engines[0].params['layers'][0] and 'moe' in engines[0].params['layers'][1]
+    np.testing.assert_array_equal(engines[0].params['layers'][1]['moe']['wi_gate'],
+                                  params['layers']['moe_block']['moe']['wi_gate'][0])
+  reqs = workload(7, 6)
+  per_layer, stacked = (e.generate(reqs) for e in engines)
+  assert [r.tokens for r in per_layer] == [r.tokens for r in stacked]
+  np.testing.assert_allclose(sum((r.logprobs for r in per_layer), []), sum((r.logprobs for r in stacked), []),
+                             atol=1e-5)
 
 
 def test_thousand_requests_under_a_small_kv_budget():
@@ -294,6 +319,29 @@ def test_sampling_filters_and_seeds():
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.03)
   assert set(draw(0.0, 0, 1.0)) == {0} and set(draw(1.0, 1, 1.0)) == {0}
   np.testing.assert_array_equal(draw(1.0, 0, 1.0), draw(1.0, 0, 1.0))
+
+
+def test_sampling_rows_do_not_depend_on_the_step():
+  """Greedy, unfiltered and filtered rows in one step draw what each draws alone (a step sorts the vocabulary
+  and draws only when some row needs it); an unfiltered row samples softmax(logits / temperature) exactly."""
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(6, 64)) * 3, jnp.float32)
+  temperature = jnp.asarray([0.0, 1.0, 0.7, 1.0, 0.5, 0.0], jnp.float32)
+  top_k = jnp.asarray([0, 0, 5, 0, 0, 3], jnp.int32)
+  top_p = jnp.asarray([1.0, 1.0, 1.0, 0.8, 1.0, 0.5], jnp.float32)
+  seeds = jnp.arange(6, dtype=jnp.uint32)
+  fn = jax.jit(sampling.sample)
+  for counter in range(20):
+    counters = jnp.full(6, counter, jnp.int32)
+    mixed = np.asarray(fn(logits, temperature, top_k, top_p, seeds, counters)[0])
+    alone = [int(fn(*(a[i:i + 1] for a in (logits, temperature, top_k, top_p, seeds, counters)))[0][0])
+             for i in range(6)]
+    assert mixed.tolist() == alone, counter
+  lp = np.asarray(sampling.filtered_logprobs(logits, temperature, top_k, top_p))
+  scaled = np.asarray(logits, np.float64) / 0.5
+  np.testing.assert_allclose(lp[4], scaled - np.log(np.exp(scaled - scaled.max()).sum()) - scaled.max(), atol=1e-4)
+  assert np.isfinite(lp[2]).sum() == 5 and np.isfinite(lp[1]).all()
+  assert np.isfinite(lp[0]).sum() == 1 and lp[0].argmax() == int(np.argmax(logits[0]))
 
 
 def test_streamed_text_is_complete_when_eos_ends_a_held_back_tail():

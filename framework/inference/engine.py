@@ -59,6 +59,7 @@ class Engine:
     self.cache = kv_cache.init_cache(self.model_cfg, num_pages, self.page_size, cache_sharding)
     self.armt = self.model_cfg.armt  # a recurrent-memory model: served segment by segment (armt_forward.py)
     if self.armt is None:
+      self.params = forward.serving_params(self.model_cfg, self.sharder, self.params)
       self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
     else:
       if draft is not None:

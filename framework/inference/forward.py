@@ -17,8 +17,9 @@ engine buckets widths (powers of two) and each bucket compiles once. With the XL
 take a ragged page list instead (`Attend.ragged`): every row's pages back to back, its length bucketed, so a step
 reads the pages its rows hold rather than every row at the longest row's width.
 
-The layers are the training model's own modules (framework/models/transformer.py), applied to the stacked
-parameters one layer at a time: the same projections, RoPE, norms, SwiGLU and MoE as training.
+The layers are the training model's own modules (framework/models/transformer.py), applied one layer at a time
+(to per-layer weights where the step unrolls its layers, `serving_params`): the same projections, RoPE, norms,
+SwiGLU and MoE as training.
 """
 from __future__ import annotations
 
@@ -254,8 +255,47 @@ def layer_block(cfg: ModelConfig, sh, attend: Attend, batch):
   return block
 
 
+def _layer_slices(cfg: ModelConfig) -> list[tuple[str | None, tuple[int, ...], bool]]:
+  """Where each layer's weights sit in the stacks, in depth order: (subtree or None, index, is MoE)."""
+  m = cfg.moe
+  if m is None or m.every == 1:
+    return [(None, (i,), m is not None) for i in range(cfg.n_layers)]
+  out = []
+  for g in range(cfg.n_layers // m.every):
+    out += [('dense', (g, j), False) for j in range(m.every - 1)]
+    out.append(('moe_block', (g,), True))
+  return out
+
+
+def serving_params(cfg: ModelConfig, sh, params):
+  """The parameters as the step reads them: where the step unrolls its layers (CPU, or model.scan_unroll >=
+  n_layers) 'layers' becomes a tuple of per-layer trees in depth order, because slicing a layer out of the stacks
+  inside the step copies its weights every step (on CPU the copies cost more than a decode step's matmuls);
+  elsewhere the stacks, for the rolled loop. Sharding follows the stacks' (their layer dims dropped)."""
+  if scan_unroll(cfg, sh, cfg.n_layers) < cfg.n_layers or isinstance(params['layers'], tuple):
+    return params
+  slices = _layer_slices(cfg)
+
+  def split(layers):
+    return tuple(jax.tree.map(lambda a, ix=ix: a[ix], layers if key is None else layers[key])
+                 for key, ix, _ in slices)
+
+  def drop(s, n):
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*tuple(s.spec)[n:]))
+
+  layers = params['layers']
+  shardings = tuple(jax.tree.map(lambda a, n=len(ix): drop(a.sharding, n), layers if key is None else layers[key])
+                    for key, ix, _ in slices)
+  return dict(params, layers=jax.jit(split, out_shardings=shardings)(layers))
+
+
 def _layers(cfg: ModelConfig, sh, layer_params, x, cache: KVCache, block):
-  """The stacked layers in order (dense, every-layer MoE, or groups of `moe.every` with one MoE last)."""
+  """The layers in order: per-layer trees (serving_params) one after another, or the stacks (dense, every-layer
+  MoE, or groups of `moe.every` with one MoE last) in a loop."""
+  if isinstance(layer_params, tuple):
+    for i, (p, (_, _, use_moe)) in enumerate(zip(layer_params, _layer_slices(cfg), strict=True)):
+      x, cache = block(p, x, cache, i, use_moe)
+    return x, cache
   m = cfg.moe
   if m is None or m.every == 1:
     use_moe = m is not None

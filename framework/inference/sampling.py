@@ -51,27 +51,41 @@ def sample(logits, temperature, top_k, top_p, seeds, counters):
   """logits [N, V] f32; per row temperature, top_p f32, top_k int32, seeds uint32, counters int32 [N].
 
   Returns (tokens int32 [N], logprobs f32 [N]): the log-probability of each chosen token under the model's own
-  distribution (before temperature and filtering), as the OpenAI API reports it.
+  distribution (before temperature and filtering), as the OpenAI API reports it. A step whose rows are all
+  greedy skips the draw (each row's token is the same either way).
   """
   logprobs_all = jax.nn.log_softmax(logits, axis=-1)
-  filtered = filtered_logprobs(logits, temperature, top_k, top_p)
-  keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(seeds, counters)
-  drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  tokens = jnp.where(temperature > 0, drawn, greedy)
+
+  def drawn():
+    filtered = filtered_logprobs(logits, temperature, top_k, top_p)
+    keys = jax.vmap(lambda seed, counter: jax.random.fold_in(jax.random.key(seed), counter))(seeds, counters)
+    return jnp.where(temperature > 0, jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32), greedy)
+
+  tokens = jax.lax.cond(jnp.any(temperature > 0), drawn, lambda: greedy)
   return tokens, jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
 
 
 def filtered_logprobs(logits, temperature, top_k, top_p):
   """The distribution a row samples from, as log-probabilities [N, V] in vocabulary order (-inf: filtered out):
   softmax(logits / temperature) over the top_k most likely tokens, then the smallest set of them whose mass
-  reaches top_p (the most likely token always stays). Temperature 0: all mass on the argmax (greedy)."""
-  return jax.vmap(_filtered)(logits, temperature, top_k, top_p)
+  reaches top_p (the most likely token always stays). Temperature 0: all mass on the argmax (greedy).
 
-
-def _filtered(logits, temperature, top_k, top_p):
+  Only a row with a filter on (top_k in (0, V), top_p < 1) takes the sorted form, and the vocabulary is sorted
+  only in a step that has such a row: the sort is most of the sampling's cost. A row's result depends on its
+  own parameters only, whatever else the step holds."""
   vocab = logits.shape[-1]
-  scaled = logits / jnp.maximum(temperature, 1e-6)
+  scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+  plain = jax.nn.log_softmax(scaled, axis=-1)
+  filters = (temperature > 0) & (((top_k > 0) & (top_k < vocab)) | (top_p < 1))
+  ranked = jax.lax.cond(jnp.any(filters), lambda: jax.vmap(_filtered)(scaled, top_k, top_p), lambda: plain)
+  sampled = jnp.where(filters[:, None], ranked, plain)
+  greedy = jnp.where(jnp.arange(vocab)[None] == jnp.argmax(logits, axis=-1)[:, None], 0.0, -jnp.inf)
+  return jnp.where(temperature[:, None] > 0, sampled, greedy.astype(sampled.dtype))
+
+
+def _filtered(scaled, top_k, top_p):
+  vocab = scaled.shape[-1]
   order = jnp.argsort(-scaled)
   ranked = scaled[order]
   keep = jnp.arange(vocab) < jnp.where(top_k > 0, top_k, vocab)
@@ -79,6 +93,4 @@ def _filtered(logits, temperature, top_k, top_p):
   before = jnp.cumsum(probs) - probs
   keep &= before < top_p
   ranked_lp = jax.nn.log_softmax(jnp.where(keep, ranked, -jnp.inf))
-  sampled = jnp.full((vocab,), -jnp.inf, ranked_lp.dtype).at[order].set(ranked_lp)
-  greedy = jnp.where(jnp.arange(vocab) == jnp.argmax(logits), 0.0, -jnp.inf).astype(ranked_lp.dtype)
-  return jnp.where(temperature > 0, sampled, greedy)
+  return jnp.full((vocab,), -jnp.inf, ranked_lp.dtype).at[order].set(ranked_lp)

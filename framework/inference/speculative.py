@@ -166,7 +166,7 @@ class Speculator:
     sharder = engine.sharder
     self.model_cfg = loading.model_config(draft_cfg)
     shardings = jax.tree.map(lambda a: a.sharding, loading.abstract_params(draft_cfg, sharder))
-    self.params = jax.device_put(draft_params, shardings)
+    self.params = forward.serving_params(self.model_cfg, sharder, jax.device_put(draft_params, shardings))
     self.cache = kv_cache.init_cache(self.model_cfg, engine.pool.num_pages, engine.page_size,
                                      sharder.sharding(kv_cache.cache_names()))
     impl = engine.icfg.attention_impl
