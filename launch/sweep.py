@@ -59,9 +59,10 @@ def point_config(base, batch_size: int, factor: float, *, target_loss: float, ma
   return cfg
 
 
-def point_result(workdir: str, target: float, seq_len: int) -> dict:
-  """Steps and examples to the target (interpolated), and the noise scale, from a finished point's records."""
-  records = metrics_lib.read_records(workdir)
+def point_result(workdir: str, target: float, seq_len: int, logged: bool = True) -> dict:
+  """Steps and examples to the target (interpolated), and the noise scale, from a finished point's records
+  (none if not `logged`)."""
+  records = metrics_lib.read_records(workdir) if logged else []
   evals = [r for r in records if 'eval_loss' in r]
   steps = critical_batch.crossing([r['step'] for r in evals], [r['eval_loss'] for r in evals], target)
   examples = critical_batch.crossing([r['examples'] for r in evals], [r['eval_loss'] for r in evals], target)
@@ -85,7 +86,10 @@ def run_point(cfg, workdir: str, target: float, devices=None) -> dict:
     result = {'diverged': False, **point_result(workdir, target, cfg.data.seq_len)}
   except loop.NonFiniteLossError as e:
     logging.warning('%s diverged: %s', workdir, e)
-    result = {'diverged': True, 'reached': False, 'steps': None, 'examples': None, 'noise': [], 'evals': []}
+    # Same fields as a finished point's; the records up to the divergence (evals, noise scale) are kept.
+    logged = os.path.exists(os.path.join(workdir, 'metrics.jsonl'))  # not if it diverged before its first log
+    result = {**point_result(workdir, target, cfg.data.seq_len, logged), 'diverged': True, 'reached': False,
+              'steps': None, 'examples': None, 'b_simple_at_target': None}
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:  # the LR after the scaling rules
     result.update(batch_size=cfg.train.batch_size, lr=json.load(f)['optim']['lr'])
   with open(path + '.tmp', 'w', encoding='utf-8') as f:

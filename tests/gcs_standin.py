@@ -5,19 +5,14 @@ Everything above the HTTP layer is the code that runs against a real bucket, inc
 protocol (a marker file, no rename)."""
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from ports import free_port
+
 BUCKET = 'bucket'
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def client_env(url: str) -> dict:
@@ -36,7 +31,7 @@ def client_env(url: str) -> dict:
 @contextlib.contextmanager
 def fake_gcs(log_path):
   """Runs the emulator with bucket BUCKET; yields the client environment (a dict) while it is up."""
-  port = _free_port()
+  port = free_port()
   url = f'http://127.0.0.1:{port}'
   with open(log_path, 'w', encoding='utf-8') as log:
     server = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'gcs_emulator.py'), str(port),

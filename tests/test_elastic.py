@@ -5,11 +5,12 @@ examples it reads are the uninterrupted run's, and its losses match the uninterr
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from ports import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = {'train.log_every': 1, 'data.seq_len': 32, 'train.batch_size': 8, 'data.max_corpus_bytes': 300000,
@@ -45,9 +46,7 @@ def train(workdir, devices: int, steps: int, **changes):
 
 def train_processes(workdir, processes: int, devices: int, steps: int, **changes):
   """`processes` local processes of `devices` devices each, one job over gloo; returns process 0's stderr."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
+  port = free_port()
   procs = [subprocess.Popen(_command(workdir, devices, steps, changes) + [
       f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}', f'--process_id={i}',
       '--distributed_timeout=120'], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

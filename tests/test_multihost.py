@@ -6,11 +6,12 @@ A missing peer makes jax abort after the timeout, so every process runs under on
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from ports import free_port
 
 SCRIPT = r'''
 import json, sys
@@ -47,16 +48,10 @@ print('RESULT', json.dumps({k: float(out[k]) for k in ('step', 'loss', 'grad_nor
 '''
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _start(mode: str, workdir, nproc: int, extra_env=None) -> list[subprocess.Popen]:
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
   env.update(extra_env or {})
-  port = str(_free_port())
+  port = str(free_port())
   return [subprocess.Popen([sys.executable, '-c', SCRIPT, mode, str(workdir), port, str(i), str(nproc)], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(nproc)]
 
@@ -137,7 +132,7 @@ def test_a_peer_that_never_arrives_fails_clearly_within_the_timeout(nproc, tmp_p
   """All processes but the last start: each fails in one line within its timeout (8 s here)."""
   import time
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  port = str(_free_port())
+  port = str(free_port())
   start = time.monotonic()
   procs = [subprocess.Popen([sys.executable, '-c', SCRIPT, 'alone', str(tmp_path / 'run'), port, str(i), str(nproc)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -91,6 +91,20 @@ def test_a_diverged_point_is_recorded(tmp_path, monkeypatch):
   sweep.sweep(tiny_config(), str(tmp_path / 'p'), str(tmp_path / 'o'), **{**SWEEP, 'batch_sizes': [4]}, only_point=0)
   result = json.load(open(tmp_path / 'p' / 'b4_lr1' / 'result.json', encoding='utf-8'))
   assert result['diverged'] and not result['reached']
+  assert result['final_eval_loss'] is None and result['evals'] == [] and result['b_simple_at_target'] is None
+
+  def diverge_after_an_eval(cfg, workdir, *args, **kwargs):
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+      json.dump({'optim': {'lr': cfg.optim.lr}}, f)
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'w', encoding='utf-8') as f:
+      f.write(json.dumps({'step': 2, 'examples': 8, 'eval_loss': 4.5}) + '\n')
+    raise loop.NonFiniteLossError('Non-finite training at step 3')
+  monkeypatch.setattr(loop, 'train', diverge_after_an_eval)
+  sweep.sweep(tiny_config(), str(tmp_path / 'q'), str(tmp_path / 'o2'), **{**SWEEP, 'batch_sizes': [4]}, only_point=0)
+  result = json.load(open(tmp_path / 'q' / 'b4_lr1' / 'result.json', encoding='utf-8'))
+  assert result['diverged'] and not result['reached'] and result['steps'] is None
+  assert result['final_eval_loss'] == 4.5 and result['evals'] == [[2, 8, 4.5]]  # what it logged before diverging
 
 
 def test_bad_sweeps_fail_before_training():
