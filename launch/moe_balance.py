@@ -136,19 +136,7 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'load.png'), dpi=120)
 
-  shown = [next(r for r in runs if r['group'] == g) for g in groups]
-  n_layers = len(shown[0]['p_expert_given_domain'])
-  fig, axes = study_io.subplots(len(shown), n_layers, figsize=(2.6 * n_layers, 1.9 * len(shown)), squeeze=False)
-  for i, r in enumerate(shown):
-    for layer in range(n_layers):
-      ax = axes[i][layer]
-      ax.imshow(np.asarray(r['p_expert_given_domain'][layer]), vmin=0, vmax=1, cmap='magma', aspect='auto')
-      ax.set_yticks(range(len(domains)), domains if layer == 0 else [''] * len(domains), fontsize=7)
-      ax.set_xticks([])
-      ax.set_title(f"{r['label']}, layer {layer}", fontsize=8)
-  fig.suptitle('p(expert | domain), last logged steps (seed shown: first)', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, 'heatmaps.png'), dpi=120)
+  write_heatmaps(runs, out, domains)
 
   fig, ax = study_io.subplots(figsize=(5, 3.5))
   for r in runs:
@@ -158,6 +146,30 @@ def write_plots(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
   ax.set_xticks(groups, [str(g) for g in groups])
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'specialization.png'), dpi=120)
+
+
+def write_heatmaps(runs: list[dict], out: str, domains: tuple[str, ...]) -> None:
+  """heatmaps.png: p(expert | domain) per layer for the first seed of each group, on one colour scale from 0 to
+  the largest value shown (with top-k routing over many experts no entry comes near 1). Needs only the rows of
+  summary.json, so a finished study can be replotted."""
+  groups = sorted({r['group'] for r in runs})
+  shown = [next(r for r in runs if r['group'] == g) for g in groups]
+  n_layers = len(shown[0]['p_expert_given_domain'])
+  top = max(float(np.max(r['p_expert_given_domain'])) for r in shown)
+  fig, axes = study_io.subplots(len(shown), n_layers, figsize=(2.6 * n_layers + 0.8, 1.9 * len(shown)),
+                                squeeze=False)
+  for i, r in enumerate(shown):
+    for layer in range(n_layers):
+      ax = axes[i][layer]
+      image = ax.imshow(np.asarray(r['p_expert_given_domain'][layer]), vmin=0, vmax=top, cmap='magma',
+                        aspect='auto')
+      ax.set_yticks(range(len(domains)), domains if layer == 0 else [''] * len(domains), fontsize=7)
+      ax.set_xticks([])
+      ax.set_title(f"{r['label']}, layer {layer}", fontsize=8)
+  fig.suptitle('p(expert | domain), last logged steps (seed shown: first)', fontsize=9)
+  fig.tight_layout()
+  fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label='p(expert | domain)')
+  fig.savefig(os.path.join(out, 'heatmaps.png'), dpi=120)
 
 
 def study(config_path: str, workdir: str, out: str, groups, seeds, steps: int, overrides=None) -> list[dict]:
