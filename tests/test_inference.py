@@ -344,6 +344,25 @@ def test_sampling_rows_do_not_depend_on_the_step():
   assert np.isfinite(lp[0]).sum() == 1 and lp[0].argmax() == int(np.argmax(logits[0]))
 
 
+def test_byte_text_stream_equals_decoding_everything():
+  """The engine's token-by-token text (ByteTextStream) against ByteCodec.decode of the whole list after every
+  token: multi-byte characters split over tokens, invalid bytes, specials and ids past the vocabulary."""
+  from framework.inference.requests import ByteCodec  # pylint: disable=g-import-not-at-top
+  codec = ByteCodec()
+  rng = np.random.default_rng(0)
+  text = 'añ€😀 ok \u0301x'.encode()
+  for trial in range(200):
+    if trial % 2:  # valid UTF-8 with specials and out-of-range ids mixed in
+      ids = [b + 3 for b in text] + [0, 1, 2, 300]
+      ids = [ids[i] for i in rng.permutation(len(ids))] if trial % 4 == 1 else ids
+    else:  # any bytes: truncated and invalid sequences
+      ids = rng.integers(0, 262, int(rng.integers(1, 40))).tolist()
+    stream = codec.text_stream()
+    for n, token in enumerate(ids, 1):
+      stream.push(token)
+      assert stream.decoded() == codec.decode(ids[:n]), (trial, ids[:n])
+
+
 def test_streamed_text_is_complete_when_eos_ends_a_held_back_tail():
   """Text held back for a possible stop string goes out with the EOS that ends the request."""
   from framework.inference.scheduler import Sequence

@@ -229,7 +229,7 @@ class Engine:
     p = seq.params
     if not p.ignore_eos and token in self.codec.eos_ids:
       # What was held back (a possible stop string's start, an unfinished character) goes out with the end.
-      text = self.codec.decode(seq.generated)
+      text = self._decoded(seq)
       event = self._finish(seq, 'stop', t, text)
       event.text = text[len(seq.emitted_text):] if text.startswith(seq.emitted_text) else ''
       seq.emitted_text += event.text
@@ -239,7 +239,7 @@ class Engine:
     seq.logprobs.append(logprob)
     seq.token_times.append(t)
     self.tokens_generated += 1
-    text = self.codec.decode(seq.generated)
+    text = self._decoded(seq, token)
     reason = None
     if p.stop:
       cut = min((i for i in (text.find(x) for x in p.stop) if i >= 0), default=-1)
@@ -257,6 +257,19 @@ class Engine:
       self._finish(seq, reason, t, text)
       event.finished, event.finish_reason = True, reason
     return [event]
+
+  def _decoded(self, seq: Sequence, token: int | None = None) -> str:
+    """The codec's decode of seq.generated (after `token`, just appended), kept up to date token by token where
+    the codec offers a text stream."""
+    if seq.text_stream is None:
+      if not hasattr(self.codec, 'text_stream'):
+        return self.codec.decode(seq.generated)
+      seq.text_stream = self.codec.text_stream()
+      for t in seq.generated if token is None else seq.generated[:-1]:
+        seq.text_stream.push(t)
+    if token is not None:
+      seq.text_stream.push(token)
+    return seq.text_stream.decoded()
 
   def _finish(self, seq: Sequence, reason: str, t: float, text: str | None = None) -> Event:
     self.scheduler.release(seq)

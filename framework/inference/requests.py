@@ -5,6 +5,7 @@ a bad sampling field) becomes an error result naming the field, and the other re
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from typing import Any, Protocol
 
@@ -23,6 +24,9 @@ class Codec(Protocol):
   def encode_chat(self, text: str) -> list[int]:
     """A prompt rendered by a chat template (framework/inference/openai_api.py)."""
 
+  # Optional: `text_stream()` -> an object with push(token) and decoded() equal to decode(tokens pushed), which
+  # the engine then uses instead of decoding a request's whole output at every token (ByteCodec has one).
+
 
 class ByteCodec:
   """The byte tokenizer batchax models train on: a prompt is BOS + its UTF-8 bytes (no EOS: the model goes on)."""
@@ -39,6 +43,28 @@ class ByteCodec:
 
   def decode(self, ids) -> str:
     return self._tok.decode(ids)
+
+  def text_stream(self) -> 'ByteTextStream':
+    return ByteTextStream()
+
+
+class ByteTextStream:
+  """`ByteCodec.decode(generated)` kept up to date one token at a time, so a long output costs O(1) per token
+  rather than a decode of everything so far. UTF-8 is decoded incrementally (with errors='replace', the same state
+  machine as the whole decode); bytes of an unfinished character wait, and `pending` shows them as the one
+  U+FFFD the whole decode would end with."""
+
+  def __init__(self):
+    self._decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+    self.text = ''
+
+  def push(self, token: int) -> None:
+    if ByteTokenizer.NUM_SPECIAL <= token < ByteTokenizer.vocab_size:  # specials are skipped, as decode does
+      self.text += self._decoder.decode(bytes([token - ByteTokenizer.NUM_SPECIAL]))
+
+  def decoded(self) -> str:
+    """What decode() of every token pushed so far returns."""
+    return self.text + ('\ufffd' if self._decoder.getstate()[0] else '')
 
 
 @dataclasses.dataclass

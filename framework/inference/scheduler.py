@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Any
 
 from framework.inference import kv_cache
 from framework.inference.kv_cache import PagePool
@@ -37,6 +38,7 @@ class Sequence:
   admitted: int = -1           # admission counter (preemption takes the largest)
   preemptions: int = 0
   emitted_text: str = ''
+  text_stream: Any = None      # the codec's decode of `generated`, kept up to date (Engine._decoded)
 
   def __post_init__(self):
     self.tokens = list(self.prompt)
