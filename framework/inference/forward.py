@@ -271,7 +271,8 @@ def serving_params(cfg: ModelConfig, sh, params):
   """The parameters as the step reads them: where the step unrolls its layers (CPU, or model.scan_unroll >=
   n_layers) 'layers' becomes a tuple of per-layer trees in depth order, because slicing a layer out of the stacks
   inside the step copies its weights every step (on CPU the copies cost more than a decode step's matmuls);
-  elsewhere the stacks, for the rolled loop. Sharding follows the stacks' (their layer dims dropped)."""
+  elsewhere the stacks, for the rolled loop. Sharding follows the stacks' (their layer dims dropped). The split is
+  a copy: while the caller still holds the stacks, the weights are in memory twice."""
   if scan_unroll(cfg, sh, cfg.n_layers) < cfg.n_layers or isinstance(params['layers'], tuple):
     return params
   slices = _layer_slices(cfg)
