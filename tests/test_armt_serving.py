@@ -81,10 +81,15 @@ def requests():
                   sampling=SamplingParams(max_tokens=n, logprobs=True)) for i, (p, n) in enumerate(shapes)]
 
 
-def test_greedy_equals_full_recompute_across_segments():
+# scan_unroll 0: on CPU the engine holds per-layer weights and runs the layers one by one; 1: the stacks in a
+# rolled loop, as on GPU and TPU.
+@pytest.mark.parametrize('scan_unroll', [0, 1], ids=['per_layer', 'stacked'])
+def test_greedy_equals_full_recompute_across_segments(scan_unroll):
   cfg = armt_cfg()
+  cfg.model.scan_unroll = scan_unroll
   _, params = model(cfg)
   eng = Engine(cfg, params, sharder=serving_sharder(cfg, jax.devices()[:1]))
+  assert isinstance(eng.params['layers'], tuple) == (scan_unroll == 0)
   reqs = requests()
   results = eng.generate(reqs)
   stats = eng.kv_stats()

@@ -71,8 +71,15 @@ def _run(cfg: ModelConfig, sh, attend: Attend, params, cache: KVCache, memory, b
     x, kv = block(p, x, kv, layer, False)
     return (x, kv, layer + 1), None if collect is None else collect(x, w, a, z)
 
-  (x, cache, _), out = jax.lax.scan(body, (x, cache, jnp.int32(0)),
-                                    (params['layers'], memory_params(params), a_all, z_all))
+  w_all = memory_params(params)
+  if isinstance(params['layers'], tuple):  # per-layer weights (forward.serving_params): the layers one by one
+    carry, outs = (x, cache, 0), []
+    for i, p in enumerate(params['layers']):
+      carry, out = body(carry, (p, jax.tree.map(lambda t, i=i: t[i], w_all), a_all[i], z_all[i]))
+      outs.append(out)
+    out = None if collect is None else jax.tree.map(lambda *t: jnp.stack(t), *outs)
+    return carry[1], carry[0], out
+  (x, cache, _), out = jax.lax.scan(body, (x, cache, jnp.int32(0)), (params['layers'], w_all, a_all, z_all))
   return cache, x, out
 
 

@@ -55,11 +55,10 @@ class Engine:
     cache_sharding = self.sharder.sharding(kv_cache.cache_names())
     self.param_shardings = jax.tree.map(lambda x: x.sharding, params) if _placed(params, self.sharder) else \
         jax.tree.map(lambda a: a.sharding, loading.abstract_params(cfg, self.sharder))
-    self.params = jax.device_put(params, self.param_shardings)
+    self.params = forward.serving_params(self.model_cfg, self.sharder, jax.device_put(params, self.param_shardings))
     self.cache = kv_cache.init_cache(self.model_cfg, num_pages, self.page_size, cache_sharding)
     self.armt = self.model_cfg.armt  # a recurrent-memory model: served segment by segment (armt_forward.py)
     if self.armt is None:
-      self.params = forward.serving_params(self.model_cfg, self.sharder, self.params)
       self._step_fn = forward.make_step(self.model_cfg, self.sharder, self.icfg.attention_impl)
     else:
       if draft is not None:
