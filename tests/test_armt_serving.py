@@ -83,7 +83,8 @@ def requests():
 
 # scan_unroll 0: on CPU the engine holds per-layer weights and runs the layers one by one; 1: the stacks in a
 # rolled loop, as on GPU and TPU.
-@pytest.mark.parametrize('scan_unroll', [0, 1], ids=['per_layer', 'stacked'])
+# The stacked case runs with -m slow (tests/test_inference.py covers the stacked loop by default).
+@pytest.mark.parametrize('scan_unroll', [0, pytest.param(1, marks=pytest.mark.slow)], ids=['per_layer', 'stacked'])
 def test_greedy_equals_full_recompute_across_segments(scan_unroll):
   cfg = armt_cfg()
   cfg.model.scan_unroll = scan_unroll

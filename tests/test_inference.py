@@ -238,7 +238,7 @@ def test_tensor_parallel_engine_equals_one_device():
   assert [r.tokens for r in tp.generate(reqs)] == [r.tokens for r in engine(one).generate(reqs)]
 
 
-@pytest.mark.parametrize('moe_every', [0, 2], ids=['dense', 'moe_every2'])
+@pytest.mark.parametrize('moe_every', [0, pytest.param(2, marks=pytest.mark.slow)], ids=['dense', 'moe_every2'])
 def test_per_layer_weights_equal_the_stacked_loop(moe_every):
   """On CPU the engine holds each layer's weights on their own (forward.serving_params, layers unrolled in the
   step); with model.scan_unroll=1 it keeps the stacks and loops, as on GPU and TPU. Same tokens and logprobs."""
