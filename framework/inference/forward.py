@@ -276,17 +276,16 @@ def serving_params(cfg: ModelConfig, sh, params):
   if scan_unroll(cfg, sh, cfg.n_layers) < cfg.n_layers or isinstance(params['layers'], tuple):
     return params
   slices = _layer_slices(cfg)
+  pick = lambda tree, key: tree if key is None else tree[key]
 
   def split(layers):
-    return tuple(jax.tree.map(lambda a, ix=ix: a[ix], layers if key is None else layers[key])
-                 for key, ix, _ in slices)
+    return tuple(jax.tree.map(lambda a, ix=ix: a[ix], pick(layers, key)) for key, ix, _ in slices)
 
   def drop(s, n):
     return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*tuple(s.spec)[n:]))
 
   layers = params['layers']
-  shardings = tuple(jax.tree.map(lambda a, n=len(ix): drop(a.sharding, n), layers if key is None else layers[key])
-                    for key, ix, _ in slices)
+  shardings = tuple(jax.tree.map(lambda a, n=len(ix): drop(a.sharding, n), pick(layers, key)) for key, ix, _ in slices)
   return dict(params, layers=jax.jit(split, out_shardings=shardings)(layers))
 
 

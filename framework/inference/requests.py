@@ -51,7 +51,7 @@ class ByteCodec:
 class ByteTextStream:
   """`ByteCodec.decode(generated)` kept up to date one token at a time, so a long output costs O(1) per token
   rather than a decode of everything so far. UTF-8 is decoded incrementally (with errors='replace', the same state
-  machine as the whole decode); bytes of an unfinished character wait, and `pending` shows them as the one
+  machine as the whole decode); bytes of an unfinished character wait, and `decoded()` shows them as the one
   U+FFFD the whole decode would end with."""
 
   def __init__(self):
